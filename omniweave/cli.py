@@ -1,0 +1,84 @@
+"""``omniweave`` command line: train, data."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from omniweave.config import load_config
+
+
+def _fail(message: str) -> int:
+    """Print a user error once per node, without a traceback; return the exit code."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"omniweave: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.nproc:
+            return _launch(args, overrides, cfg)
+        from omniweave.train.trainer import Trainer
+
+        Trainer(cfg).run()
+    except ValueError as error:  # ConfigError included: user mistakes, one paragraph each
+        return _fail(str(error))
+    return 0
+
+
+def _launch(args: argparse.Namespace, overrides: list[str], cfg) -> int:
+    """Validate in this process, then start ``torchrun`` with ``--nproc`` local workers."""
+    from omniweave.train.trainer import validate
+
+    validate(cfg, args.nproc)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "omniweave.cli",
+        "train",
+        args.config,
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniweave", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train from CONFIG; override any key with --section.key=value.",
+    )
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("--nproc", type=int, default=0, help="start torchrun with N local processes")
+    from omniweave.data.commands import register
+
+    register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        return train_command(args, unknown)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args) or 0
+    except ValueError as error:
+        return _fail(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: sample records, tokenizers, processors and corpora."""

@@ -1,0 +1,77 @@
+"""Turn records into token ids and labels with a local Hugging Face tokenizer."""
+
+import os
+
+IGNORE_INDEX = -100
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | None):
+    """Load a fast tokenizer from the local folder ``path`` (never from a hub)."""
+    hint = (
+        "set data.tokenizer_path to a local tokenizer folder "
+        "(make one with `omniweave data train-tokenizer`)"
+    )
+    if path is None:
+        raise ValueError(f"No tokenizer given: {hint}.")
+    if not os.path.isdir(path):
+        raise ValueError(f"Tokenizer folder {path} does not exist: {hint}.")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"Tokenizer folder {path} has no tokenizer files: {hint}.")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"Tokenizer in {path} is not a fast tokenizer (needs tokenizer.json).")
+    return tokenizer
+
+
+def tokenize_record(record: dict, tokenizer, max_seq_len: int) -> dict:
+    """Return ``input_ids`` and unshifted ``labels`` (-100 = no loss), cut to ``max_seq_len``."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    if record.get("text") is not None:
+        input_ids, labels = _tokenize_text(record["text"], tokenizer)
+    else:
+        input_ids, labels = _tokenize_messages(record["messages"], tokenizer)
+    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
+
+
+def _tokenize_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; text records need one")
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids, list(ids)
+
+
+def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Label only the assistant turns: their content and the token that closes them."""
+    if not tokenizer.chat_template:
+        raise ValueError("the tokenizer has no chat template; messages records need one")
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        # The turn is the text the assistant message adds after its generation prompt;
+        # trailing whitespace (the newline between turns) is template, not target.
+        spans.append((len(before), len(through.rstrip())))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (start, _end) in enumerate(encoded["offset_mapping"]):
+        if any(lo <= start < hi for lo, hi in spans):
+            labels[t] = input_ids[t]
+    return input_ids, labels
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )

@@ -1,0 +1,101 @@
+"""The sample schema: a record is ``{"text": str}`` or ``{"messages": [...]}``.
+
+``read_records`` loads a whole ``.jsonl`` or ``.parquet`` file and validates every
+record, so that a bad sample fails up front with its file and line.
+"""
+
+import json
+import os
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_records(path: str) -> list[dict]:
+    """Read and validate the records of a ``.jsonl`` or ``.parquet`` file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: file not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        rows = _read_jsonl(path)
+        where = "line"
+    elif ext == ".parquet":
+        rows = list(enumerate(_read_parquet(path), start=1))
+        where = "row"
+    else:
+        raise ValueError(f"{path}: unknown extension {ext!r} (expected .jsonl or .parquet)")
+    records = []
+    for number, record in rows:
+        reason = validate_record(record)
+        if reason:
+            raise ValueError(f"{path}, {where} {number}: {reason}")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def validate_record(record: Any) -> str | None:
+    """Return why ``record`` is not a valid sample, or None if it is."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    text, messages = record.get("text"), record.get("messages")
+    if text is not None and messages is not None:
+        return "has both 'text' and 'messages'; set exactly one"
+    if text is not None:
+        if not isinstance(text, str):
+            return f"'text' must be a string, got {type(text).__name__}"
+        return None if text.strip() else "'text' is empty"
+    if messages is not None:
+        return _validate_messages(messages)
+    return "needs a 'text' string or a 'messages' list"
+
+
+def record_texts(record: dict) -> list[str]:
+    """The raw strings of a valid record: its text, or each message's content."""
+    if record.get("text") is not None:
+        return [record["text"]]
+    return [message["content"] for message in record["messages"]]
+
+
+def _validate_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object with 'role' and 'content'"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}"
+        if not isinstance(content, str):
+            return f"messages[{i}].content must be a string, got {type(content).__name__}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "'messages' has no assistant message (nothing to train on)"
+    return None
+
+
+def _read_jsonl(path: str) -> list[tuple[int, Any]]:
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}, line {number}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_parquet(path: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: cannot read parquet ({e})") from None

@@ -1,0 +1,1 @@
+"""Parallelisms applied from outside the model, on one device mesh."""

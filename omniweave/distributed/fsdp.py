@@ -1,0 +1,55 @@
+"""FSDP2 / HSDP: shard a plain model's units over the sharding mesh, from outside."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from omniweave.distributed.parallel_state import ParallelState
+from omniweave.distributed.plan import matches
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def needs_fsdp(state: ParallelState, dtype: str, cpu_offload: bool) -> bool:
+    """One fp32 process with nothing to offload trains the plain model: no wrapper overhead."""
+    return state.is_distributed or dtype != "float32" or cpu_offload
+
+
+def apply_fsdp(
+    model: nn.Module,
+    state: ParallelState,
+    shard_units: tuple[str, ...],
+    dtype: str = "float32",
+    cpu_offload: bool = False,
+) -> None:
+    """Wrap each module matching ``shard_units`` (in post-order), then the root.
+
+    Tied input/output embeddings must live in one unit, so when they are tied
+    neither is wrapped on its own and the root holds them.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
+    kwargs = dict(
+        mesh=state.sharding_mesh, mp_policy=policy, offload_policy=offload or OffloadPolicy()
+    )
+    tied = _tied_module_names(model)
+    for name, module in list(model.named_modules()):
+        if name and name not in tied and any(matches(name, glob) for glob in shard_units):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    """Names of modules whose parameters are shared with another module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    return {name for names in owners.values() if len(set(names)) > 1 for name in names}

@@ -1,0 +1,152 @@
+"""ParallelState: the one device mesh, its named axes and the groups derived from it.
+
+Axes, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP
+shards), ``sp`` (Ulysses sequence parallel). ``dp_shard`` is always materialised;
+the others only when their degree exceeds 1. ``ep`` is not a mesh axis of its own:
+expert-parallel groups are carved out of the FSDP ranks (``dp_shard x sp``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """Resolved parallel degrees; their product (without ``ep``) is the world size."""
+
+    dp_replicate: int
+    dp_shard: int
+    sp: int
+    ep: int
+
+    @property
+    def fsdp(self) -> int:
+        """Ranks one parameter is sharded over: sequence-parallel ranks shard too."""
+        return self.dp_shard * self.sp
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different samples."""
+        return self.dp_replicate * self.dp_shard
+
+
+def resolve_degrees(
+    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, sp: int = 1, ep: int = 1
+) -> Degrees:
+    """Fill in ``dp_shard=-1`` and check every degree; raise ValueError saying what to change."""
+    for name, value in (("dp_replicate", dp_replicate), ("sp", sp), ("ep", ep)):
+        if value < 1:
+            raise ValueError(f"parallel.{name}={value}: degrees must be >= 1.")
+    if dp_shard == -1:
+        fixed = dp_replicate * sp
+        if world_size % fixed:
+            raise ValueError(
+                f"parallel.dp_replicate x parallel.sp = {dp_replicate} x {sp} = {fixed} does not "
+                f"divide the world size {world_size}; choose degrees whose product divides "
+                f"{world_size} (or change the number of processes)."
+            )
+        dp_shard = world_size // fixed
+    elif dp_shard < 1:
+        raise ValueError(f"parallel.dp_shard={dp_shard}: use a degree >= 1, or -1 for the rest.")
+    product = dp_replicate * dp_shard * sp
+    if product != world_size:
+        raise ValueError(
+            f"parallel.dp_replicate x dp_shard x sp = {dp_replicate} x {dp_shard} x {sp} = "
+            f"{product}, but {world_size} processes are running; make the product equal the "
+            f"number of processes, or set parallel.dp_shard=-1 to use whatever is left."
+        )
+    degrees = Degrees(dp_replicate, dp_shard, sp, ep)
+    if degrees.fsdp % ep:
+        raise ValueError(
+            f"parallel.ep={ep} must divide the FSDP ranks dp_shard x sp = {degrees.fsdp}; "
+            f"choose an ep among the divisors of {degrees.fsdp}."
+        )
+    return degrees
+
+
+def device_for_rank(local_rank: int) -> torch.device:
+    """The CUDA device of this local rank where CUDA exists, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(timeout_s: float = 600.0) -> None:
+    """Join the job started by torchrun, or form a 1-process group when run directly."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ParallelState:
+    """Owns the device mesh and answers 'which ranks do X with me?'."""
+
+    def __init__(self, degrees: Degrees, device: torch.device):
+        self.degrees = degrees
+        self.device = device
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        axes = [("dp_replicate", degrees.dp_replicate), ("dp_shard", degrees.dp_shard)]
+        axes.append(("sp", degrees.sp))
+        axes = [(name, size) for name, size in axes if size > 1 or name == "dp_shard"]
+        self.mesh: DeviceMesh = init_device_mesh(
+            device.type,
+            tuple(size for _, size in axes),
+            mesh_dim_names=tuple(name for name, _ in axes),
+        )
+        self._axes = [name for name, _ in axes]
+        self.fsdp_mesh = self._flat(("dp_shard", "sp"), "fsdp")
+        self.dp_mesh = self._flat(("dp_replicate", "dp_shard"), "dp")
+        self.loss_mesh = self._flat(("dp_replicate", "dp_shard", "sp"), "loss")
+
+    def _flat(self, names: tuple[str, ...], flat_name: str) -> DeviceMesh:
+        present = tuple(name for name in names if name in self._axes)
+        if len(present) == 1:
+            return self.mesh[present[0]]
+        return self.mesh[present]._flatten(flat_name)
+
+    @property
+    def sharding_mesh(self) -> DeviceMesh:
+        """Mesh FSDP2 shards on: 1-D (FSDP) or 2-D ``(dp_replicate, fsdp)`` (HSDP)."""
+        if self.degrees.dp_replicate == 1:
+            return self.fsdp_mesh
+        fsdp_name = self.fsdp_mesh.mesh_dim_names[0]
+        return self.mesh["dp_replicate", fsdp_name]
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's sample stream (sequence-parallel peers share it)."""
+        return self.dp_mesh.get_local_rank()
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether gradients are reduced across more than one rank."""
+        return self.degrees.dp_replicate * self.degrees.fsdp > 1
+
+    def describe(self) -> str:
+        d = self.degrees
+        return (
+            f"world={self.world_size} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
+            f"sp={d.sp} ep={d.ep} device={self.device.type}"
+        )

@@ -1,0 +1,1 @@
+"""Model recipes, building and weight loading."""

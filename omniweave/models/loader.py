@@ -1,0 +1,167 @@
+"""Build a Hugging Face causal LM on the meta device, shard it, then fill each rank's shard.
+
+No rank ever materialises the full model: weights come from safetensors slices
+(each rank reads only the region it owns) or from a seeded per-parameter init.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
+from omniweave.distributed.parallel_state import ParallelState
+from omniweave.models.registry import recipe_for
+
+Region = list[tuple[int, int]]  # (start, length) per tensor dim
+
+
+def load_hf_config(path: str | None, inline: dict | None, attn: str) -> PretrainedConfig:
+    """The HF config from ``model.path`` or ``model.config``; ValueError when neither is usable."""
+    if path and inline:
+        raise ValueError("Set either model.path or model.config, not both.")
+    if path:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(
+                f"model.path '{path}' is not a Hugging Face model folder (no config.json there); "
+                "point it at a local folder written by save_pretrained, or use model.config."
+            )
+        config = AutoConfig.from_pretrained(path)
+    elif inline:
+        fields = dict(inline)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise ValueError("model.config needs a 'model_type' (e.g. qwen2, llama, qwen3).")
+        config = AutoConfig.for_model(model_type, **fields)
+    else:
+        raise ValueError(
+            "Set model.path (a local HF folder) or model.config (an inline HF config)."
+        )
+    recipe_for(config.model_type)
+    config._attn_implementation = attn
+    return config
+
+
+def build_model(
+    config: PretrainedConfig,
+    state: ParallelState,
+    path: str | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Meta-device init, FSDP2 per the family's recipe, then load ``path`` or init from ``seed``."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if needs_fsdp(state, dtype, cpu_offload):
+        apply_fsdp(model, state, recipe_for(config.model_type).shard_units, dtype, cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else state.device)
+    if not isinstance(model.get_input_embeddings().weight, DTensor):
+        model.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
+    _init_buffers(model)
+    if path:
+        load_safetensors(model, path)
+    else:
+        init_random(model, seed, getattr(config, "initializer_range", 0.02))
+    model.train()
+    return model
+
+
+def _init_buffers(model: nn.Module) -> None:
+    """Recompute buffers (rotary frequencies) that ``to_empty`` left uninitialised."""
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+
+
+def local_region(param: torch.Tensor) -> Region:
+    """The (start, length) per dim of the global tensor this rank holds (chunk semantics)."""
+    region = [(0, size) for size in param.shape]
+    if not isinstance(param, DTensor):
+        return region
+    coordinate = param.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            start, length = region[placement.dim]
+            chunk = math.ceil(length / param.device_mesh.size(mesh_dim))
+            begin = min(coordinate[mesh_dim] * chunk, length)
+            region[placement.dim] = (start + begin, min(chunk, length - begin))
+    return region
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Map each tensor name to its safetensors file (single file or sharded with an index)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise ValueError(f"No model.safetensors or model.safetensors.index.json in '{path}'.")
+    with safe_open(single, "pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+@torch.no_grad()
+def load_safetensors(model: nn.Module, path: str) -> None:
+    """Copy each parameter's local region from the checkpoint, one file open at a time."""
+    files = checkpoint_files(path)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise ValueError(f"Checkpoint '{path}' lacks {len(missing)} weights, e.g. {missing[:3]}.")
+    by_file: dict[str, list[str]] = {}
+    for name in params:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, "pt") as f:
+            for name in names:
+                param = params[name]
+                region = local_region(param)
+                index = tuple(slice(start, start + length) for start, length in region)
+                _local(param).copy_(f.get_slice(name)[index])
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int, std: float) -> None:
+    """HF-style init (normal weights, zero biases, unit norms), identical for every layout.
+
+    Each parameter draws from its own generator seeded by ``seed`` and its name,
+    so a sharded rank gets exactly its slice of what one process would draw.
+    """
+    for name, param, module in _params_with_modules(model):
+        full = torch.empty(param.shape, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if name.endswith("bias"):
+            full.zero_()
+        elif param.ndim == 1:
+            full.fill_(1.0)
+        else:
+            full.normal_(0.0, std, generator=generator)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                full[module.padding_idx] = 0
+        index = tuple(slice(start, start + length) for start, length in local_region(param))
+        _local(param).copy_(full[index])
+
+
+def _params_with_modules(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield f"{module_name}.{param_name}".lstrip("."), param, module

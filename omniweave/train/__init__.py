@@ -1,0 +1,1 @@
+"""Training loop, optimisation and metrics."""

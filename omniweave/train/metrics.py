@@ -1,0 +1,120 @@
+"""Throughput, MFU and memory figures, and where they go: metrics.jsonl, TensorBoard, a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from torch import nn
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "omniweave", "peak_flops.json")
+
+
+def flops_per_token(model: nn.Module, config) -> tuple[float, float]:
+    """(dense, attention) training FLOPs: 6 x non-embedding params per token, and
+    12 x layers x attention width per token per token of context (so attention FLOPs of
+    a sample of length s are that times s^2)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    if embedding is not output:
+        params -= embedding.numel()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 6.0 * params, 12.0 * config.num_hidden_layers * heads * head_dim
+
+
+def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square GEMM on this device (fp32 on CPU, bf16 on GPU), cached."""
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{threads}threads"
+    cache = {}
+    if os.path.isfile(CACHE):
+        with open(CACHE) as f:
+            cache = json.load(f)
+    if name in cache:
+        return cache[name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    _sync(device)
+    peak = 2 * size**3 * repeats / (time.perf_counter() - start)
+    cache[name] = peak
+    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+    with open(CACHE, "w") as f:
+        json.dump(cache, f, indent=1)
+    return peak
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak device memory (GPU) or peak resident set size of this process (CPU), in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
+
+
+class MetricsWriter:
+    """Writes one JSON line (and TensorBoard scalars) per logged step; plots loss at the end."""
+
+    def __init__(self, output_dir: str, tensorboard: bool = True):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.rows: list[dict] = []
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, row["step"])
+
+    def close(self, plot: bool = True) -> str | None:
+        """Close the outputs; return the path of the loss plot when one was drawn."""
+        self._file.close()
+        if self._tb:
+            self._tb.close()
+        if plot and self.rows:
+            return plot_loss(self.rows, os.path.join(self.output_dir, "loss.png"))
+        return None
+
+
+def plot_loss(rows: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,70 @@
+"""AdamW, learning-rate schedules and gradient clipping that is correct over sharded grads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases or norm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"train.lr_schedule '{schedule}': use constant, linear or cosine.")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int, min_ratio: float
+) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, schedule, warmup, total, min_ratio))
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (plain or DTensor, any meshes); clip when max_norm > 0.
+
+    Gradients are grouped by mesh and placements: each group's norm is a full
+    (reduced) tensor, and the groups combine as the root of summed squares.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for grad in grads:
+        key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups.setdefault(key, []).append(grad)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    coefficient = max_norm / (float(total) + 1e-6)
+    if max_norm > 0 and coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total

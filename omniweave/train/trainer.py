@@ -1,0 +1,216 @@
+"""The training loop: build everything from a Config, then step, log and report."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from omniweave.config import Config, save_config
+from omniweave.data.loader import IGNORE_INDEX, GlobalBatchSampler, collate, load_samples
+from omniweave.data.processors import load_tokenizer
+from omniweave.distributed.parallel_state import (
+    ParallelState,
+    device_for_rank,
+    init_process_group,
+    resolve_degrees,
+)
+from omniweave.models.loader import build_model, load_hf_config
+from omniweave.train.metrics import (
+    MetricsWriter,
+    flops_per_token,
+    measure_peak_flops,
+    peak_memory_gb,
+)
+from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse settings whose behaviour has not landed yet instead of ignoring them."""
+    pending = {
+        "parallel.sp > 1 (Ulysses, issue 3)": cfg.parallel.sp > 1,
+        "parallel.ep > 1 (expert parallelism, issue 4)": cfg.parallel.ep > 1,
+        "data.packing (issue 3)": cfg.data.packing,
+        "data.max_tokens_per_microbatch (issue 3)": cfg.data.max_tokens_per_microbatch is not None,
+        "checkpoint.every_steps / resume (issue 6)": cfg.checkpoint.every_steps > 0
+        or cfg.checkpoint.resume != "none",
+    }
+    asked = [name for name, used in pending.items() if used]
+    if asked:
+        raise ValueError(f"Not implemented yet: {', '.join(asked)}; remove these settings.")
+
+
+def validate(cfg: Config, world_size: int):
+    """Every check that needs no process group: a user mistake fails here, on each rank alike."""
+    check_supported(cfg)
+    p = cfg.parallel
+    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
+    hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
+    if cfg.data.train_path is None or not os.path.isfile(cfg.data.train_path):
+        raise ValueError(
+            f"data.train_path '{cfg.data.train_path}' is not a file (JSONL or Parquet)."
+        )
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    return degrees, hf_config, tokenizer
+
+
+class Trainer:
+    """Owns model, optimizer, data and metrics for one run; ``run()`` trains to max_steps."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        degrees, hf_config, self.tokenizer = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        init_process_group()
+        self.state = ParallelState(degrees, device_for_rank(int(os.environ.get("LOCAL_RANK", "0"))))
+        self.is_main = self.state.rank == 0
+        seed_everything(cfg.train.seed)
+        self.samples = load_samples(
+            cfg.data.train_path, self.tokenizer, cfg.data.max_seq_len, cfg.data.on_overlong
+        )
+        t = cfg.train
+        self.sampler = GlobalBatchSampler(
+            len(self.samples),
+            t.global_batch_size,
+            t.micro_batch_size,
+            degrees.dp,
+            self.state.dp_rank,
+            t.seed,
+            cfg.data.shuffle,
+        )
+        self.model = build_model(
+            hf_config,
+            self.state,
+            cfg.model.path,
+            t.seed,
+            cfg.model.dtype,
+            cfg.parallel.cpu_offload,
+        )
+        self.hf_config = hf_config
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(
+            self.model, t.lr, tuple(t.adam_betas), t.adam_eps, t.weight_decay
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio
+        )
+        self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
+        self.peak_flops = t.peak_flops or measure_peak_flops(self.state.device)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        self.tokens_seen = 0
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over this rank's micro-batches; returns global figures."""
+        device = self.state.device
+        micro = [[self.samples[i] for i in mb] for mb in self.sampler.micro_batches(step)]
+        batches = [collate(samples, self.pad_id) for samples in micro]
+        lengths = [len(sample.input_ids) for samples in micro for sample in samples]
+        counts = torch.tensor(
+            [
+                sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
+                sum(lengths),
+                sum(n * n for n in lengths),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        dp_group = self.state.dp_mesh.get_group()
+        dist.all_reduce(counts, group=dp_group)
+        label_tokens, input_tokens, squared_lengths = counts.tolist()
+        # Gradients are averaged over the data-parallel ranks: scale so the result is the
+        # sum of token losses over the global batch divided by its number of label tokens.
+        scale = self.state.degrees.dp / label_tokens
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for index, batch in enumerate(batches):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+            logits = self.model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
+            token_loss = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                batch["targets"].to(device).flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            (token_loss * scale).backward()
+            loss_sum += token_loss.detach()
+        grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum, group=dp_group)
+        flops = self.dense_flops * input_tokens + self.attention_flops * squared_lengths
+        return {
+            "loss": float(loss_sum) / label_tokens,
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "step_tokens": int(input_tokens),
+            "flops": flops,
+        }
+
+    def run(self) -> list[dict]:
+        """Train to ``train.max_steps``; rank 0 writes the outputs. Returns the logged rows."""
+        t, out = self.cfg.train, self.cfg.train.output_dir
+        writer = None
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+            save_config(self.cfg, os.path.join(out, "config.yaml"))
+            writer = MetricsWriter(out, self.cfg.log.tensorboard)
+            print(
+                f"omniweave: {self.state.describe()}; {len(self.samples)} samples; "
+                f"{sum(p.numel() for p in self.params) / 1e6:.2f}M params on this rank"
+            )
+        bar = tqdm(
+            total=t.max_steps,
+            disable=not (self.is_main and self.cfg.log.progress),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        rows = []
+        for step in range(t.max_steps):
+            start = time.perf_counter()
+            result = self.train_step(step)
+            elapsed = time.perf_counter() - start
+            self.tokens_seen += result["step_tokens"]
+            tokens_per_s = result["step_tokens"] / elapsed
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+                row = {
+                    "step": step + 1,
+                    "loss": result["loss"],
+                    "grad_norm": result["grad_norm"],
+                    "lr": result["lr"],
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
+                    "peak_mem_gb": self._peak_memory(),
+                }
+                rows.append(row)
+                if writer:
+                    writer.log(row)
+        bar.close()
+        if writer:
+            plot = writer.close(self.cfg.log.plot)
+            print(f"omniweave: outputs in {os.path.abspath(out)}")
+            print(f"  metrics: {writer.path}")
+            if plot:
+                print(f"  loss plot: {plot}")
+        return rows
+
+    def _peak_memory(self) -> float:
+        """Largest per-process peak memory over all ranks, in GB."""
+        peak = torch.tensor(peak_memory_gb(self.state.device), device=self.state.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,79 @@
+"""Run a function in N gloo processes and gather each rank's return value.
+
+A rank that raises fails the test with that rank's traceback; a run that outlives
+``timeout`` (a hang in a collective) fails instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+        buffer = io.BytesIO()  # tensors by value: a shared-memory handle dies with the rank
+        torch.save(fn(*args), buffer)
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300.0) -> list:
+    """``fn(*args)`` on each of ``world_size`` ranks; returns the results in rank order."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(target=_worker, args=(rank, world_size, port, fn, args, results))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    gathered: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(gathered) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"distributed run timed out after {timeout}s") from None
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return [gathered[rank] for rank in range(world_size)]
