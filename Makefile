@@ -17,6 +17,9 @@ $(VENV): $(VENV)/.done
 test: $(VENV)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
+demo: $(VENV) $(DATA)/tokenizer
+	OMP_NUM_THREADS=1 $(BIN)/omniweave train configs/demo.yaml --nproc 4
+
 lint: $(VENV)
 	$(BIN)/ruff check omniweave tests bench
 	$(BIN)/ruff format --check omniweave tests bench

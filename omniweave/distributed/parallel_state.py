@@ -60,7 +60,8 @@ def resolve_degrees(
         raise ValueError(
             f"parallel.dp_replicate x dp_shard x sp = {dp_replicate} x {dp_shard} x {sp} = "
             f"{product}, but {world_size} processes are running; make the product equal the "
-            f"number of processes, or set parallel.dp_shard=-1 to use whatever is left."
+            f"number of processes (start {product} with --nproc {product} or torchrun), or set "
+            "parallel.dp_shard=-1 to use whatever is left."
         )
     degrees = Degrees(dp_replicate, dp_shard, sp, ep)
     if degrees.fsdp % ep:

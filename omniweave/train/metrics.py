@@ -28,6 +28,18 @@ def flops_per_token(model: nn.Module, config) -> tuple[float, float]:
     return 6.0 * params, 12.0 * config.num_hidden_layers * heads * head_dim
 
 
+def device_peak_flops(device: torch.device, local_world_size: int) -> float:
+    """Peak FLOP/s one process can count on: its GPU, or its share of the machine's CPU cores."""
+    if device.type == "cuda":
+        return measure_peak_flops(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return measure_peak_flops(device) / local_world_size
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square GEMM on this device (fp32 on CPU, bf16 on GPU), cached."""
     threads = torch.get_num_threads()

@@ -24,7 +24,7 @@ from omniweave.models.loader import build_model, load_hf_config
 from omniweave.train.metrics import (
     MetricsWriter,
     flops_per_token,
-    measure_peak_flops,
+    device_peak_flops,
     peak_memory_gb,
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -47,9 +47,9 @@ def check_supported(cfg: Config) -> None:
 
 def validate(cfg: Config, world_size: int):
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
-    check_supported(cfg)
     p = cfg.parallel
     degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
+    check_supported(cfg)
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
     if cfg.data.train_path is None or not os.path.isfile(cfg.data.train_path):
         raise ValueError(
@@ -99,7 +99,7 @@ class Trainer:
             self.optimizer, t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio
         )
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
-        self.peak_flops = t.peak_flops or measure_peak_flops(self.state.device)
+        self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id or 0
@@ -164,7 +164,7 @@ class Trainer:
             writer = MetricsWriter(out, self.cfg.log.tensorboard)
             print(
                 f"omniweave: {self.state.describe()}; {len(self.samples)} samples; "
-                f"{sum(p.numel() for p in self.params) / 1e6:.2f}M params on this rank"
+                f"{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters"
             )
         bar = tqdm(
             total=t.max_steps,
@@ -203,6 +203,15 @@ class Trainer:
             if plot:
                 print(f"  loss plot: {plot}")
         return rows
+
+    def _measured_peak_flops(self) -> float:
+        """Rank 0 measures (cached) while the others wait, so they don't compete for cores."""
+        peak = torch.zeros((), dtype=torch.float64, device=self.state.device)
+        if self.is_main:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            peak.fill_(device_peak_flops(self.state.device, local_world))
+        dist.broadcast(peak, src=0)
+        return float(peak)
 
     def _peak_memory(self) -> float:
         """Largest per-process peak memory over all ranks, in GB."""

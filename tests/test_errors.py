@@ -1,0 +1,60 @@
+"""User mistakes end in one clear message and a non-zero exit, before any collective."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from omniweave.distributed.parallel_state import resolve_degrees
+from tests.models import TINY
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, corpus) -> str:
+    import yaml
+
+    path = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    config = {
+        "model": {"config": TINY["qwen2"]},
+        "data": dict(corpus),
+        "train": {"output_dir": str(path.parent / "out"), "max_steps": 1},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--nproc", "4", "--parallel.sp=3"], "parallel.dp_replicate x parallel.sp = 1 x 3"),
+        (["--train.lerning_rate=1e-3"], "did you mean 'train.lr'"),
+        (["--model.config=null", "--model.path=/no/such/model"], "model.path '/no/such/model'"),
+        (["--nproc", "2", "--data.tokenizer_path=/no/such/tok"], "Tokenizer folder /no/such/tok"),
+    ],
+)
+def test_cli_errors_are_one_paragraph(config_file, arguments, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "omniweave.cli", "train", config_file, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one paragraph
+
+
+def test_degrees_fill_and_validate():
+    assert resolve_degrees(8, dp_replicate=2).dp_shard == 4
+    assert resolve_degrees(8, dp_replicate=2, sp=2).fsdp == 4
+    with pytest.raises(ValueError, match="does not divide the world size 4"):
+        resolve_degrees(4, sp=3)
+    with pytest.raises(ValueError, match="2 x 1 x 1 = 2, but 4 processes"):
+        resolve_degrees(4, dp_replicate=2, dp_shard=1)
+    with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
+        resolve_degrees(4, dp_replicate=2, ep=4)
+    with pytest.raises(ValueError, match="degrees must be >= 1"):
+        resolve_degrees(4, sp=0)
