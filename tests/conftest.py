@@ -10,10 +10,37 @@ import torch
 
 torch.set_num_threads(1)
 
-WORDS = (
-    "the a model learns shards of every layer while ranks exchange gradients over gloo and "
-    "tokens flow through attention blocks into logits that meet their labels at the loss"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "learns",
+    "shards",
+    "of",
+    "every",
+    "layer",
+    "while",
+    "ranks",
+    "exchange",
+    "gradients",
+    "over",
+    "gloo",
+    "and",
+    "tokens",
+    "flow",
+    "through",
+    "attention",
+    "blocks",
+    "into",
+    "logits",
+    "that",
+    "meet",
+    "their",
+    "labels",
+    "at",
+    "the",
+    "loss",
+]
 
 
 @pytest.fixture(scope="session")

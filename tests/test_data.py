@@ -213,7 +213,9 @@ def test_tokenize_messages_labels_only_assistant(tokenizer):
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
     assert labelled_spans(tokenizer, sample) == ["Four.<|im_end|>", "Six, of course!<|im_end|>"]
-    unlabelled = tokenizer.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    unlabelled = tokenizer.decode(
+        [i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]
+    )
     for message in CHAT:
         if message["role"] != "assistant":
             assert message["content"] in unlabelled

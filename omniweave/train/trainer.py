@@ -23,8 +23,8 @@ from omniweave.distributed.parallel_state import (
 from omniweave.models.loader import build_model, load_hf_config
 from omniweave.train.metrics import (
     MetricsWriter,
-    flops_per_token,
     device_peak_flops,
+    flops_per_token,
     peak_memory_gb,
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
