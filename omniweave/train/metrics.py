@@ -89,7 +89,7 @@ class MetricsWriter:
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.rows: list[dict] = []
-        self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
+        self._file = open(self.path, "w")  # noqa: SIM115 - open for the whole run
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
