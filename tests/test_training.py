@@ -68,8 +68,8 @@ def test_outputs(curves):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert KEYS <= row.keys()
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["peak_mem_gb"] > 0
+        assert row.keys() >= KEYS
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["peak_mem_gb"] > 0
     assert [row["loss"] for row in rows] == curves["two"]["fp32"]
     assert all(a["tokens"] < b["tokens"] for a, b in zip(rows, rows[1:], strict=False))
     resolved = load_config(str(out / "config.yaml"))
