@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,8 @@ class Trainer:
         init_process_group()
         self.state = ParallelState(degrees, device_for_rank(int(os.environ.get("LOCAL_RANK", "0"))))
         self.is_main = self.state.rank == 0
+        if not (self.is_main or cfg.log.all_ranks):
+            quiet_this_rank()
         seed_everything(cfg.train.seed)
         self.samples = load_samples(
             cfg.data.train_path, self.tokenizer, cfg.data.max_seq_len, cfg.data.on_overlong
@@ -193,6 +197,8 @@ class Trainer:
                     "peak_mem_gb": self._peak_memory(),
                 }
                 rows.append(row)
+                if self.cfg.log.all_ranks and not self.is_main:
+                    print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
                 if writer:
                     writer.log(row)
         bar.close()
@@ -218,6 +224,14 @@ class Trainer:
         peak = torch.tensor(peak_memory_gb(self.state.device), device=self.state.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return float(peak)
+
+
+def quiet_this_rank() -> None:
+    """Silence library warnings on ranks other than 0 (``log.all_ranks`` keeps them)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
 
 
 def seed_everything(seed: int) -> None:
