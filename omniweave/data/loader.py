@@ -24,9 +24,16 @@ class Sample:
     labels: list[int]
 
 
-def load_samples(path: str, tokenizer, max_seq_len: int, on_overlong: str) -> list[Sample]:
-    """Read and tokenize every record; apply the over-long policy (truncate, drop, error)."""
+def load_samples(
+    path: str, tokenizer, max_seq_len: int, on_overlong: str
+) -> tuple[list[Sample], dict[str, int]]:
+    """Read and tokenize every record; apply the over-long policy (truncate, drop, error).
+
+    Returns the samples and the counts of what was changed or left out, for reporting:
+    ``truncated``, ``dropped_overlong`` and ``no_labels`` (nothing left to learn from).
+    """
     samples = []
+    counts = {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
     for number, record in enumerate(read_records(path), start=1):
         tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
         if len(tokens["input_ids"]) > max_seq_len:
@@ -36,11 +43,15 @@ def load_samples(path: str, tokenizer, max_seq_len: int, on_overlong: str) -> li
                     "tokens; raise max_seq_len or set data.on_overlong to truncate or drop."
                 )
             if on_overlong == "drop":
+                counts["dropped_overlong"] += 1
                 continue
+            counts["truncated"] += 1
             tokens = {key: value[:max_seq_len] for key, value in tokens.items()}
         if any(label != IGNORE_INDEX for label in tokens["labels"][1:]):
             samples.append(Sample(tokens["input_ids"], tokens["labels"]))
-    return samples
+        else:
+            counts["no_labels"] += 1
+    return samples, counts
 
 
 class GlobalBatchSampler:

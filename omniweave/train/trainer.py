@@ -73,7 +73,7 @@ class Trainer:
         if not (self.is_main or cfg.log.all_ranks):
             quiet_this_rank()
         seed_everything(cfg.train.seed)
-        self.samples = load_samples(
+        self.samples, self.sample_counts = load_samples(
             cfg.data.train_path, self.tokenizer, cfg.data.max_seq_len, cfg.data.on_overlong
         )
         t = cfg.train
@@ -170,6 +170,11 @@ class Trainer:
                 f"omniweave: {self.state.describe()}; {len(self.samples)} samples; "
                 f"{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters"
             )
+            changed = ", ".join(f"{n} {what}" for what, n in self.sample_counts.items() if n)
+            if changed:
+                print(
+                    f"omniweave: samples {changed} (data.max_seq_len={self.cfg.data.max_seq_len})"
+                )
         bar = tqdm(
             total=t.max_steps,
             disable=not (self.is_main and self.cfg.log.progress),
