@@ -9,6 +9,7 @@ expert-parallel groups are carved out of the FSDP ranks (``dp_shard x sp``).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -93,8 +94,6 @@ def init_process_group(timeout_s: float = 600.0) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -7,16 +7,19 @@ import os
 import random
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
 from omniweave.config import Config, save_config
 from omniweave.data.loader import IGNORE_INDEX, GlobalBatchSampler, collate, load_samples
 from omniweave.data.processors import load_tokenizer
 from omniweave.distributed.parallel_state import (
+    Degrees,
     ParallelState,
     device_for_rank,
     init_process_group,
@@ -47,7 +50,7 @@ def check_supported(cfg: Config) -> None:
         raise ValueError(f"Not implemented yet: {', '.join(asked)}; remove these settings.")
 
 
-def validate(cfg: Config, world_size: int):
+def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
     p = cfg.parallel
     degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
