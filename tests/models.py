@@ -25,19 +25,8 @@ TINY = {
         max_position_embeddings=256,
         tie_word_embeddings=False,
     ),
-    "qwen3": dict(
-        model_type="qwen3",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=512,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ),
 }
+TINY["qwen3"] = {**TINY["qwen2"], "model_type": "qwen3", "head_dim": 16}
 
 
 def hf_model(family: str, seed: int = 0, **overrides):

@@ -59,28 +59,24 @@ def _load_and_forward(paths: list[str], input_ids: torch.Tensor) -> list[dict]:
 
 def test_sharded_load_matches_hf_logits(tmp_path):
     """Qwen2 (tied), Llama (untied) and Qwen3, each from one file and from 40 KB shards."""
-    paths, expected, tied, totals = [], [], [], []
+    cases = []  # (folder, expected logits, tied, total parameter count)
     input_ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
     for family in ("qwen2", "llama", "qwen3"):
         reference = hf_model(family, seed=3)
         with torch.no_grad():
             logits = reference(input_ids=input_ids).logits
+        total = sum(p.numel() for p in reference.parameters())
         for kind, shard_size in (("single", "10GB"), ("sharded", "40KB")):
             path = tmp_path / family / kind
             reference.save_pretrained(path, max_shard_size=shard_size)
             index_written = (path / "model.safetensors.index.json").exists()
             assert index_written == (kind == "sharded")
-            paths.append(str(path))
-            expected.append(logits)
-            tied.append(reference.config.tie_word_embeddings)
-            totals.append(sum(p.numel() for p in reference.parameters()))
-    per_rank = run_distributed(_load_and_forward, 4, paths, input_ids)
+            cases.append((str(path), logits, reference.config.tie_word_embeddings, total))
+    per_rank = run_distributed(_load_and_forward, 4, [case[0] for case in cases], input_ids)
     for rank, results in enumerate(per_rank):
-        for path, result, logits, is_tied, total in zip(
-            paths, results, expected, tied, totals, strict=True
-        ):
+        for (path, logits, tied, total), result in zip(cases, results, strict=True):
             torch.testing.assert_close(result["logits"], logits, rtol=0, atol=1e-6)
             # Each rank reads exactly the elements it holds, about a quarter of the model.
             assert result["read"] == result["local"], (rank, path)
             assert result["read"] < total / 2, (rank, path)
-            assert result["tied"] == is_tied, path
+            assert result["tied"] == tied, path
