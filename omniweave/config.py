@@ -44,7 +44,8 @@ class DataConfig:
     tokenizer_path: str | None = None
     max_seq_len: int = _opt(2048, ge=1)
     packing: bool = False
-    max_tokens_per_microbatch: int | None = _opt(None, ge=1)
+    max_tokens_per_microbatch: int | None = _opt(None, ge=1)  # token budget per micro-batch
+    budget_counts: str = _opt("tokens", choices=("tokens", "labels"))  # what the budget counts
     shuffle: bool = True
     on_overlong: str = _opt("truncate", choices=("truncate", "drop", "error"))
 

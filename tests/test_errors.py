@@ -29,6 +29,8 @@ def config_file(tmp_path_factory, corpus) -> str:
     ("arguments", "expected"),
     [
         (["--nproc", "4", "--parallel.sp=3"], "parallel.dp_replicate x parallel.sp = 1 x 3"),
+        (["--nproc", "3", "--parallel.sp=3"], "parallel.sp=3 must divide the model's 4 attention"),
+        (["--data.max_tokens_per_microbatch=64"], "below data.max_seq_len=2048"),
         (["--train.lerning_rate=1e-3"], "did you mean 'train.lr'"),
         (["--model.config=null", "--model.path=/no/such/model"], "model.path '/no/such/model'"),
         (["--nproc", "2", "--data.tokenizer_path=/no/such/tok"], "Tokenizer folder /no/such/tok"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from omniweave.data.loader import GlobalBatchSampler, collate, load_samples
+from omniweave.data.loader import GlobalBatchSampler, load_samples
 from omniweave.data.processors import load_tokenizer
 
 
@@ -47,11 +47,3 @@ def test_sampler_rejects_uneven_batches():
         GlobalBatchSampler(50, 6, 1, 4, 0, 0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GlobalBatchSampler(5, 8, 1, 4, 0, 0)
-
-
-def test_collate_shifts_labels_and_pads():
-    from omniweave.data.loader import Sample
-
-    batch = collate([Sample([1, 2, 3], [-100, 2, 3]), Sample([4, 5], [4, 5])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
-    assert batch["targets"].tolist() == [[2, 3, -100], [5, -100, -100]]

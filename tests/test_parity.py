@@ -20,11 +20,15 @@ from tests.models import hf_model
 STEPS, GLOBAL_BATCH, LR, WARMUP, MAX_LEN = 5, 8, 1e-3, 2, 128
 
 
-def reference_losses(model_path: str, corpus: dict) -> list[tuple[float, float]]:
+def reference_losses(
+    model_path: str, corpus: dict, attn: str = "sdpa"
+) -> list[tuple[float, float]]:
     """(loss, grad norm) per step: token-mean loss over each global batch, in file order."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=attn
+    )
     tokenizer = load_tokenizer(corpus["tokenizer_path"])
     samples = [tokenize_record(r, tokenizer, MAX_LEN) for r in read_records(corpus["train_path"])]
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -146,6 +150,45 @@ def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
         for name, curve in curves.items():
             if name.startswith(family):
                 _assert_close(curve, reference, name)
+
+
+def test_sequence_parallel_and_packing_match_unsharded_reference(models, corpus, tmp_path):
+    """Packed rows of mixed lengths under Ulysses SP (qwen2 has 2 KV heads: sp=4 replicates
+    them), with fixed micro-batches and with a token budget, for both CPU backends."""
+    two, four = [], []
+    for backend in ("sdpa", "eager"):
+        for family, path in models.items():
+            packed = {"data.packing": True, "model.attn_implementation": backend}
+
+            def run(layout, extra, family=family, path=path, backend=backend, packed=packed):
+                out = str(tmp_path / f"{family}-{backend}-{layout}".replace(" ", "_"))
+                return (
+                    f"{family} {backend} {layout}",
+                    _overrides(path, corpus, out, **packed, **extra),
+                )
+
+            two.append(run("sp=2", {"parallel.sp": 2, "train.micro_batch_size": 8}))
+            four.append(run("sp=4", {"parallel.sp": 4, "train.micro_batch_size": 8}))
+            four.append(
+                run(
+                    "dp_shard=2 x sp=2",
+                    {"parallel.dp_shard": 2, "parallel.sp": 2, "train.micro_batch_size": 2},
+                )
+            )
+    budget = {"parallel.dp_shard": 2, "parallel.sp": 2, "data.max_tokens_per_microbatch": 160}
+    four.append(
+        ("qwen2 sdpa budget", _overrides(models["qwen2"], corpus, str(tmp_path / "b"), **budget))
+    )
+    curves = run_distributed(_train_runs, 2, two)[0]
+    per_rank = run_distributed(_train_runs, 4, four)
+    assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
+    curves.update(per_rank[0])
+    for backend in ("sdpa", "eager"):
+        for family, path in models.items():
+            reference = reference_losses(path, corpus, backend)
+            for name, curve in curves.items():
+                if name.startswith(f"{family} {backend}"):
+                    _assert_close(curve, reference, name)
 
 
 def test_ranks_hold_unequal_token_counts(corpus):

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from omniweave.data.processors import tokenize_record
+from omniweave.data.packing import MicroBatch, budget_micro_batches, empty_batch, pack_row, pad_rows
+from omniweave.data.processors import IGNORE_INDEX, tokenize_record
 from omniweave.data.records import read_records
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -55,20 +54,20 @@ def load_samples(
 
 
 class GlobalBatchSampler:
-    """Per optimizer step, this data-parallel rank's micro-batches of sample indices."""
+    """Sample indices per optimizer step: the global batch, and this rank's share of it."""
 
     def __init__(
         self,
         num_samples: int,
         global_batch_size: int,
-        micro_batch_size: int,
+        micro_batch_size: int | None,
         dp_size: int,
         dp_rank: int,
         seed: int,
         shuffle: bool = True,
     ):
-        per_step = micro_batch_size * dp_size
-        if global_batch_size % per_step:
+        if micro_batch_size is not None and global_batch_size % (micro_batch_size * dp_size):
+            per_step = micro_batch_size * dp_size
             raise ValueError(
                 f"train.global_batch_size={global_batch_size} is not a multiple of "
                 f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}; "
@@ -82,7 +81,6 @@ class GlobalBatchSampler:
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
-        self.accumulation = global_batch_size // per_step
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.seed, self.shuffle = seed, shuffle
         self.steps_per_epoch = num_samples // global_batch_size
@@ -100,19 +98,89 @@ class GlobalBatchSampler:
         return order[start : start + self.global_batch_size]
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's share of step ``step``, split into ``accumulation`` micro-batches."""
+        """This rank's share of step ``step`` in micro-batches of ``micro_batch_size``."""
         mine = self.global_batch(step)[self.dp_rank :: self.dp_size]
         size = self.micro_batch_size
-        return [mine[i * size : (i + 1) * size] for i in range(self.accumulation)]
+        return [mine[i : i + size] for i in range(0, len(mine), size)]
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; ``targets`` are the labels shifted left by one."""
-    length = max(len(sample.input_ids) for sample in samples)
-    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = len(sample.input_ids)
-        input_ids[row, :n] = torch.tensor(sample.input_ids)
-        targets[row, : n - 1] = torch.tensor(sample.labels[1:])
-    return {"input_ids": input_ids, "targets": targets}
+class TrainBatches:
+    """This rank's micro-batches, step after step: fixed sample counts or a token budget,
+    padded or packed rows, each a multiple of ``multiple`` (the SP degree) long.
+
+    Its whole state is the next step: the shuffle order, buffer and split are pure
+    functions of (seed, step), so a restored state continues exactly, on any number
+    of data-parallel ranks.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        sampler: GlobalBatchSampler,
+        pad_id: int,
+        packing: bool = False,
+        max_tokens: int | None = None,
+        budget_counts: str = "tokens",
+        multiple: int = 1,
+    ):
+        self.samples, self.sampler, self.pad_id = samples, sampler, pad_id
+        self.packing, self.max_tokens, self.budget_counts = packing, max_tokens, budget_counts
+        self.multiple = multiple
+        self.step = 0
+
+    def __next__(self) -> list[MicroBatch]:
+        batches = self.micro_batches(self.step)
+        self.step += 1
+        return batches
+
+    def __iter__(self):
+        return self
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        if self.max_tokens is None:
+            plan = self.sampler.micro_batches(step)
+        else:
+            indices = self.sampler.global_batch(step)
+            costs = [self._cost(self.samples[i]) for i in indices]
+            plan = budget_micro_batches(
+                indices,
+                costs,
+                self.sampler.dp_size,
+                self.sampler.dp_rank,
+                self.max_tokens,
+                self.packing,
+            )
+        collate = pack_row if self.packing else pad_rows
+        return [
+            collate([self.samples[i] for i in part], self.pad_id, self.multiple)
+            if part
+            else empty_batch(self.pad_id, self.multiple)
+            for part in plan
+        ]
+
+    def _cost(self, sample: Sample) -> int:
+        if self.budget_counts == "labels":
+            return sum(label != IGNORE_INDEX for label in sample.labels[1:])
+        return len(sample.input_ids)
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {
+            "step": self.step,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "num_samples": s.num_samples,
+            "global_batch_size": s.global_batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` left off; ValueError if it describes another sample order."""
+        mine = self.state_dict()
+        changed = [key for key in mine if key != "step" and state.get(key) != mine[key]]
+        if changed:
+            details = ", ".join(f"{key}: {state.get(key)} -> {mine[key]}" for key in changed)
+            raise ValueError(
+                f"The saved data-loader state follows another sample order ({details}); "
+                "resume with the same data, seed and train.global_batch_size."
+            )
+        self.step = state["step"]

@@ -140,6 +140,16 @@ class ParallelState:
         return self.dp_mesh.get_local_rank()
 
     @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The ranks that split one sequence (None without sequence parallelism)."""
+        return self.mesh["sp"].get_group() if self.degrees.sp > 1 else None
+
+    @property
+    def sp_rank(self) -> int:
+        """Which slice of each sequence this rank holds."""
+        return self.mesh["sp"].get_local_rank() if self.degrees.sp > 1 else 0
+
+    @property
     def is_distributed(self) -> bool:
         """Whether gradients are reduced across more than one rank."""
         return self.degrees.dp_replicate * self.degrees.fsdp > 1

@@ -16,8 +16,9 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from omniweave.config import Config, save_config
-from omniweave.data.loader import IGNORE_INDEX, GlobalBatchSampler, collate, load_samples
-from omniweave.data.processors import load_tokenizer
+from omniweave.data.loader import GlobalBatchSampler, TrainBatches, load_samples
+from omniweave.data.packing import MicroBatch
+from omniweave.data.processors import IGNORE_INDEX, load_tokenizer
 from omniweave.distributed.parallel_state import (
     Degrees,
     ParallelState,
@@ -25,7 +26,9 @@ from omniweave.distributed.parallel_state import (
     init_process_group,
     resolve_degrees,
 )
+from omniweave.distributed.ulysses import apply_sequence_attention, check_heads
 from omniweave.models.loader import build_model, load_hf_config
+from omniweave.ops.attention import check_backend
 from omniweave.train.metrics import (
     MetricsWriter,
     device_peak_flops,
@@ -38,10 +41,7 @@ from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_no
 def check_supported(cfg: Config) -> None:
     """Refuse settings whose behaviour has not landed yet instead of ignoring them."""
     pending = {
-        "parallel.sp > 1 (Ulysses, issue 3)": cfg.parallel.sp > 1,
         "parallel.ep > 1 (expert parallelism, issue 4)": cfg.parallel.ep > 1,
-        "data.packing (issue 3)": cfg.data.packing,
-        "data.max_tokens_per_microbatch (issue 3)": cfg.data.max_tokens_per_microbatch is not None,
         "checkpoint.every_steps / resume (issue 6)": cfg.checkpoint.every_steps > 0
         or cfg.checkpoint.resume != "none",
     }
@@ -55,7 +55,16 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     p = cfg.parallel
     degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
     check_supported(cfg)
+    check_backend(cfg.model.attn_implementation)
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
+    check_heads(hf_config, degrees.sp)
+    budget = cfg.data.max_tokens_per_microbatch
+    if budget is not None and budget < cfg.data.max_seq_len:
+        raise ValueError(
+            f"data.max_tokens_per_microbatch={budget} is below data.max_seq_len="
+            f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
+            "budget or lower max_seq_len."
+        )
     if cfg.data.train_path is None or not os.path.isfile(cfg.data.train_path):
         raise ValueError(
             f"data.train_path '{cfg.data.train_path}' is not a file (JSONL or Parquet)."
@@ -79,15 +88,27 @@ class Trainer:
         self.samples, self.sample_counts = load_samples(
             cfg.data.train_path, self.tokenizer, cfg.data.max_seq_len, cfg.data.on_overlong
         )
-        t = cfg.train
-        self.sampler = GlobalBatchSampler(
+        t, d = cfg.train, cfg.data
+        sampler = GlobalBatchSampler(
             len(self.samples),
             t.global_batch_size,
-            t.micro_batch_size,
+            t.micro_batch_size if d.max_tokens_per_microbatch is None else None,
             degrees.dp,
             self.state.dp_rank,
             t.seed,
-            cfg.data.shuffle,
+            d.shuffle,
+        )
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+        self.batches = TrainBatches(
+            self.samples,
+            sampler,
+            self.pad_id,
+            d.packing,
+            d.max_tokens_per_microbatch,
+            d.budget_counts,
+            multiple=degrees.sp,
         )
         self.model = build_model(
             hf_config,
@@ -97,6 +118,8 @@ class Trainer:
             cfg.model.dtype,
             cfg.parallel.cpu_offload,
         )
+        if degrees.sp > 1 or d.packing:
+            apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
         self.hf_config = hf_config
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(
@@ -107,43 +130,33 @@ class Trainer:
         )
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id or 0
         self.tokens_seen = 0
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over this rank's micro-batches; returns global figures."""
         device = self.state.device
-        micro = [[self.samples[i] for i in mb] for mb in self.sampler.micro_batches(step)]
-        batches = [collate(samples, self.pad_id) for samples in micro]
-        lengths = [len(sample.input_ids) for samples in micro for sample in samples]
+        batches = self.batches.micro_batches(step)
+        lengths = [n for batch in batches for n in batch.lengths]
         counts = torch.tensor(
             [
-                sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
+                sum(batch.label_tokens for batch in batches),
                 sum(lengths),
                 sum(n * n for n in lengths),
+                sum(batch.input_ids.numel() for batch in batches),
             ],
             dtype=torch.float64,
             device=device,
         )
-        dp_group = self.state.dp_mesh.get_group()
-        dist.all_reduce(counts, group=dp_group)
-        label_tokens, input_tokens, squared_lengths = counts.tolist()
-        # Gradients are averaged over the data-parallel ranks: scale so the result is the
-        # sum of token losses over the global batch divided by its number of label tokens.
-        scale = self.state.degrees.dp / label_tokens
+        dist.all_reduce(counts, group=self.state.dp_mesh.get_group())
+        label_tokens, input_tokens, squared_lengths, row_tokens = counts.tolist()
+        # Gradients are averaged over all ranks (data- and sequence-parallel): scale so the
+        # result is the sum of token losses over the global batch / its number of label tokens.
+        scale = self.state.degrees.dp * self.state.degrees.sp / label_tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
-            logits = self.model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
-            token_loss = F.cross_entropy(
-                logits.float().flatten(0, 1),
-                batch["targets"].to(device).flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            token_loss = self._token_loss(batch)
             (token_loss * scale).backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
@@ -151,15 +164,38 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum, group=dp_group)
+        dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         flops = self.dense_flops * input_tokens + self.attention_flops * squared_lengths
         return {
             "loss": float(loss_sum) / label_tokens,
             "grad_norm": float(grad_norm),
             "lr": lr,
             "step_tokens": int(input_tokens),
+            "non_padding": input_tokens / row_tokens,
             "flops": flops,
         }
+
+    def _token_loss(self, batch: MicroBatch) -> torch.Tensor:
+        """Summed cross-entropy of this rank's slice of the micro-batch (the sequence dim is
+        last in every tensor and split evenly over the SP ranks)."""
+        sp, rank, device = self.state.degrees.sp, self.state.sp_rank, self.state.device
+
+        def local(t: torch.Tensor) -> torch.Tensor:
+            return t.chunk(sp, dim=-1)[rank].to(device)
+
+        extra = {} if batch.cu_seqlens is None else {"cu_seq_lens_q": batch.cu_seqlens}
+        logits = self.model(
+            input_ids=local(batch.input_ids),
+            position_ids=local(batch.position_ids),
+            use_cache=False,
+            **extra,
+        ).logits
+        return F.cross_entropy(
+            logits.float().flatten(0, 1),
+            local(batch.targets).flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
 
     def run(self) -> list[dict]:
         """Train to ``train.max_steps``; rank 0 writes the outputs. Returns the logged rows."""
@@ -203,6 +239,9 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
                     "peak_mem_gb": self._peak_memory(),
+                    "non_padding": result["non_padding"],
+                    "samples_truncated": self.sample_counts["truncated"],
+                    "samples_dropped": self.sample_counts["dropped_overlong"],
                 }
                 rows.append(row)
                 if self.cfg.log.all_ranks and not self.is_main:

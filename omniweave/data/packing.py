@@ -1,0 +1,130 @@
+"""Micro-batches: padded rows or packed rows, and token-budget dynamic batching.
+
+A packed row concatenates samples; position ids restart at 0 per sample and
+``cu_seqlens`` marks the boundaries, so attention stays inside each sample.
+Targets are shifted inside each sample before concatenation (no sample predicts
+the next one's first token). Rows are padded to a multiple of the SP degree;
+padding is never a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omniweave.data.processors import IGNORE_INDEX
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs of one forward/backward, for the whole sequence (before any SP split)."""
+
+    input_ids: torch.Tensor  # [rows, tokens]
+    targets: torch.Tensor  # [rows, tokens], IGNORE_INDEX where nothing is predicted
+    position_ids: torch.Tensor  # [rows, tokens]
+    cu_seqlens: torch.Tensor | None  # [segments + 1] for a packed row, else None
+    lengths: list[int]  # real (non-padding) tokens per sample
+
+    @property
+    def label_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _shifted(labels: list[int]) -> list[int]:
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def pad_rows(samples: list, pad_id: int, multiple: int = 1) -> MicroBatch:
+    """One row per sample, right-padded to the longest (rounded up to ``multiple``)."""
+    length = _round_up(max(len(s.input_ids) for s in samples), multiple)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        input_ids[row, :n] = torch.tensor(sample.input_ids)
+        targets[row, :n] = torch.tensor(_shifted(sample.labels))
+    position_ids = torch.arange(length).expand(len(samples), length).clone()
+    lengths = [len(s.input_ids) for s in samples]
+    return MicroBatch(input_ids, targets, position_ids, None, lengths)
+
+
+def pack_row(samples: list, pad_id: int, multiple: int = 1) -> MicroBatch:
+    """All samples in one row; trailing padding (to ``multiple``) is a segment of its own."""
+    input_ids, targets, positions, bounds = [], [], [], [0]
+    for sample in samples:
+        n = len(sample.input_ids)
+        input_ids += sample.input_ids
+        targets += _shifted(sample.labels)
+        positions += range(n)
+        bounds.append(bounds[-1] + n)
+    padding = _round_up(max(len(input_ids), 1), multiple) - len(input_ids)
+    if padding:
+        input_ids += [pad_id] * padding
+        targets += [IGNORE_INDEX] * padding
+        positions += range(padding)
+        bounds.append(bounds[-1] + padding)
+    return MicroBatch(
+        torch.tensor([input_ids], dtype=torch.long),
+        torch.tensor([targets], dtype=torch.long),
+        torch.tensor([positions], dtype=torch.long),
+        torch.tensor(bounds, dtype=torch.int32),
+        [len(s.input_ids) for s in samples],
+    )
+
+
+def empty_batch(pad_id: int, multiple: int = 1) -> MicroBatch:
+    """Padding only: keeps a rank's collectives in step when it has no samples left."""
+    return pack_row([], pad_id, multiple)
+
+
+def first_fit(costs: list[int], budget: int, packed: bool) -> list[list[int]]:
+    """Bins of item indices, longest first, each into the first bin it fits.
+
+    A packed bin costs the sum of its lengths; a padded bin costs rows x longest.
+    """
+    bins: list[list[int]] = []
+    loads: list[tuple[int, int]] = []  # (sum, longest) per bin
+    for item in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        cost = costs[item]
+        for b, (total, longest) in enumerate(loads):
+            new = total + cost if packed else (len(bins[b]) + 1) * max(longest, cost)
+            if new <= budget:
+                bins[b].append(item)
+                loads[b] = (total + cost, max(longest, cost))
+                break
+        else:
+            bins.append([item])
+            loads.append((cost, cost))
+    return bins
+
+
+def budget_micro_batches(
+    indices: list[int],
+    costs: list[int],
+    dp_size: int,
+    dp_rank: int,
+    budget: int,
+    packed: bool,
+) -> list[list[int]]:
+    """This rank's micro-batches of one global batch under a per-micro-batch token budget.
+
+    Every rank computes the same plan from the same global batch, so no
+    communication is needed: bins are dealt to the least-loaded rank, heaviest
+    first, at most ``ceil(bins / dp_size)`` each; a rank left short gets empty
+    micro-batches so all ranks run the same number of forward passes.
+    """
+    bins = first_fit(costs, budget, packed)
+    per_rank = -(-len(bins) // dp_size)
+    ranks: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    loads = [0] * dp_size
+    for b in sorted(bins, key=lambda b: -sum(costs[i] for i in b)):
+        rank = min((r for r in range(dp_size) if len(ranks[r]) < per_rank), key=loads.__getitem__)
+        ranks[rank].append([indices[i] for i in b])
+        loads[rank] += sum(costs[i] for i in b)
+    mine = ranks[dp_rank]
+    return mine + [[] for _ in range(per_rank - len(mine))]
