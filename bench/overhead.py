@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from transformers.utils import logging as hf_logging
 
 from omniweave.config import load_config
-from omniweave.data.loader import IGNORE_INDEX, collate
+from omniweave.data.packing import MicroBatch
+from omniweave.data.processors import IGNORE_INDEX
 from omniweave.data.tokenizers import train_tokenizer
 from omniweave.train.trainer import Trainer
 
@@ -55,7 +56,7 @@ def make_inputs(tmp: str, batch: int, seq_len: int) -> tuple[str, str, str]:
 class RawLoop:
     """The minimal PyTorch loop: forward, summed CE / label tokens, backward, clip, AdamW."""
 
-    def __init__(self, model_dir: str, batch: dict[str, torch.Tensor]):
+    def __init__(self, model_dir: str, batch: MicroBatch):
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="sdpa"
         )
@@ -66,7 +67,7 @@ class RawLoop:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
-        self.input_ids, self.targets = batch["input_ids"], batch["targets"]
+        self.input_ids, self.targets = batch.input_ids, batch.targets
         self.n_labels = int((self.targets != IGNORE_INDEX).sum())
 
     def train_step(self, step: int) -> float:
@@ -115,9 +116,8 @@ def main() -> None:
         "--log.progress=false", "--log.tensorboard=false", "--log.plot=false",
     ]  # fmt: skip
     omni = Trainer(load_config(None, overrides))
-    (indices,) = omni.sampler.micro_batches(0)
-    batch = collate([omni.samples[i] for i in indices], omni.pad_id)
-    assert batch["input_ids"].shape == (args.batch, args.seq_len), batch["input_ids"].shape
+    (batch,) = omni.batches.micro_batches(0)
+    assert batch.input_ids.shape == (args.batch, args.seq_len), batch.input_ids.shape
     raw = RawLoop(model_dir, batch)
 
     # Same weights, same batch => same first loss (a check that we compare like with like).

@@ -38,3 +38,37 @@ def hf_model(family: str, seed: int = 0, **overrides):
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+IMAGE_TOKEN, VISION_START, VISION_END = 500, 502, 503
+
+
+def tiny_qwen2_vl(seed: int = 0):
+    """A tiny Qwen2-VL (2 text layers with multimodal RoPE, a 1-block vision tower)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(
+            depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=501,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config).float()

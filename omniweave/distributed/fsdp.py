@@ -29,7 +29,7 @@ def apply_fsdp(
     dtype: str = "float32",
     cpu_offload: bool = False,
 ) -> None:
-    """Wrap each module matching ``shard_units`` (in post-order), then the root.
+    """Wrap each module matching ``shard_units`` (children before parents), then the root.
 
     Tied input/output embeddings must live in one unit, so when they are tied
     neither is wrapped on its own and the root holds them.
@@ -40,7 +40,7 @@ def apply_fsdp(
         mesh=state.sharding_mesh, mp_policy=policy, offload_policy=offload or OffloadPolicy()
     )
     tied = _tied_module_names(model)
-    for name, module in list(model.named_modules()):
+    for name, module in reversed(list(model.named_modules())):
         if name and name not in tied and any(matches(name, glob) for glob in shard_units):
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)

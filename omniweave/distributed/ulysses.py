@@ -109,3 +109,18 @@ def apply_sequence_attention(model: nn.Module, backend: str, group) -> None:
     name = f"omniweave_{backend}"
     AttentionInterface.register(name, make_attention(backend, group))
     model.config.get_text_config()._attn_implementation = name
+
+
+def split_sequence_inputs(module: nn.Module, group) -> None:
+    """Hand ``module`` (a decoder stack called with ``inputs_embeds``) only this rank's slice
+    of the sequence. Multimodal models build their embeddings over the whole sequence (an
+    image's features land wherever its placeholders are) and are split only here."""
+    sp, rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def hook(_module, args, kwargs):
+        assert not args, "the decoder stack is called with keyword arguments"
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"].chunk(sp, dim=1)[rank]
+        kwargs["position_ids"] = kwargs["position_ids"].chunk(sp, dim=-1)[rank]
+        return args, kwargs
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -24,6 +24,17 @@ RECIPES: dict[str, ModelRecipe] = {
         ModelRecipe("qwen3", ("Qwen3DecoderLayer",)),
         ModelRecipe("mistral", ("MistralDecoderLayer",)),
         ModelRecipe("qwen3_moe", ("Qwen3MoeDecoderLayer",)),
+        ModelRecipe(
+            "qwen2_vl",
+            ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
+            (
+                "model.visual.blocks.*",
+                "model.visual",
+                "model.language_model.embed_tokens",
+                "model.language_model.layers.*",
+                "lm_head",
+            ),
+        ),
     )
 }
 
