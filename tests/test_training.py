@@ -55,7 +55,13 @@ def curves(corpus, tmp_path_factory):
         "bf16": _args(corpus, str(root / "bf16"), **path, **{"model.dtype": "bfloat16"}),
         "random init": _args(corpus, str(root / "init2"), **random_init),
     }
-    one = {"random init": _args(corpus, str(root / "init1"), **random_init)}
+    short = {"data.max_seq_len": 16, **random_init}
+    packed = {"data.packing": True, "data.max_tokens_per_microbatch": 64}
+    one = {
+        "random init": _args(corpus, str(root / "init1"), **random_init),
+        "drop": _args(corpus, str(root / "drop"), **short, **{"data.on_overlong": "drop"}),
+        "truncate": _args(corpus, str(root / "truncate"), **short, **packed),
+    }
     return {
         "root": root,
         "two": run_distributed(_train, 2, two)[0],
@@ -91,3 +97,22 @@ def test_bf16_mixed_precision_is_close_but_applied(curves):
 def test_random_init_is_layout_independent(curves):
     assert curves["two"]["random init"] == pytest.approx(curves["one"]["random init"], rel=1e-5)
     assert curves["two"]["random init"] != pytest.approx(curves["two"]["fp32"], rel=1e-3)
+
+
+def test_overlong_samples_are_counted_in_metrics(curves, corpus):
+    from omniweave.data.loader import load_samples
+    from omniweave.data.processors import load_tokenizer
+
+    tokenizer = load_tokenizer(corpus["tokenizer_path"])
+    _, counts = load_samples(corpus["train_path"], tokenizer, 16, "truncate")
+    assert counts["truncated"] > 0
+
+    def rows(name):
+        text = (curves["root"] / name / "metrics.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+    for row in rows("drop"):
+        assert (row["samples_dropped"], row["samples_truncated"]) == (counts["truncated"], 0)
+    for row in rows("truncate"):  # packed under a 64-token budget
+        assert (row["samples_dropped"], row["samples_truncated"]) == (0, counts["truncated"])
+        assert row["non_padding"] == 1.0
