@@ -1,6 +1,8 @@
 """Tests for omniweave.config: defaults, YAML loading, overrides, strict errors, round trip."""
 
 import dataclasses
+import glob
+import pathlib
 
 import pytest
 import yaml
@@ -331,3 +333,12 @@ def test_round_trip_defaults(tmp_path):
     path = tmp_path / "config.yaml"
     save_config(Config(), path)
     assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(str(pathlib.Path(__file__).parents[1] / "configs" / "*.yaml")))
+)
+def test_shipped_configs_load(path):
+    """Every shipped recipe parses with no unknown key or bad value."""
+    cfg = load_config(path)
+    assert cfg.data.train_path and cfg.train.output_dir.startswith("runs/")
