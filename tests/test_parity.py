@@ -179,6 +179,10 @@ def test_sequence_parallel_and_packing_match_unsharded_reference(models, corpus,
     four.append(
         ("qwen2 sdpa budget", _overrides(models["qwen2"], corpus, str(tmp_path / "b"), **budget))
     )
+    hsdp = {"parallel.dp_replicate": 2, "parallel.sp": 2, "data.packing": True}
+    four.append(
+        ("qwen2 sdpa hsdp x sp", _overrides(models["qwen2"], corpus, str(tmp_path / "h"), **hsdp))
+    )
     curves = run_distributed(_train_runs, 2, two)[0]
     per_rank = run_distributed(_train_runs, 4, four)
     assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
