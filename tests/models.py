@@ -27,6 +27,16 @@ TINY = {
     ),
 }
 TINY["qwen3"] = {**TINY["qwen2"], "model_type": "qwen3", "head_dim": 16}
+TINY["qwen3_moe"] = {
+    **TINY["qwen3"],
+    "model_type": "qwen3_moe",
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "norm_topk_prob": True,
+    "router_aux_loss_coef": 0.01,
+}
+TINY["qwen3_moe_6x3"] = {**TINY["qwen3_moe"], "num_experts": 6, "num_experts_per_tok": 3}
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
@@ -37,7 +47,11 @@ def hf_model(family: str, seed: int = 0, **overrides):
     fields = {**TINY[family], **overrides}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, param in model.named_parameters():  # HF leaves MoE routers at zero
+        if name.endswith("mlp.gate.weight"):
+            param.data.normal_(0.0, 0.5)
+    return model
 
 
 IMAGE_TOKEN, VISION_START, VISION_END = 500, 502, 503

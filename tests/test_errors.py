@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -31,6 +32,17 @@ def config_file(tmp_path_factory, corpus) -> str:
         (["--nproc", "4", "--parallel.sp=3"], "parallel.dp_replicate x parallel.sp = 1 x 3"),
         (["--nproc", "3", "--parallel.sp=3"], "parallel.sp=3 must divide the model's 4 attention"),
         (["--data.max_tokens_per_microbatch=64"], "below data.max_seq_len=2048"),
+        (["--nproc", "4", "--parallel.ep=3"], "parallel.ep=3 must divide the FSDP ranks"),
+        (["--nproc", "2", "--parallel.ep=2"], "needs a mixture-of-experts model"),
+        (
+            [
+                "--nproc",
+                "4",
+                "--parallel.ep=4",
+                f"--model.config={json.dumps(TINY['qwen3_moe_6x3'])}",
+            ],
+            "parallel.ep=4 must divide the model's 6 experts",
+        ),
         (["--train.lerning_rate=1e-3"], "did you mean 'train.lr'"),
         (["--model.config=null", "--model.path=/no/such/model"], "model.path '/no/such/model'"),
         (["--nproc", "2", "--data.tokenizer_path=/no/such/tok"], "Tokenizer folder /no/such/tok"),
@@ -58,5 +70,7 @@ def test_degrees_fill_and_validate():
         resolve_degrees(4, dp_replicate=2, dp_shard=1)
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
         resolve_degrees(4, dp_replicate=2, ep=4)
+    with pytest.raises(ValueError, match=r"HSDP\) is not supported"):
+        resolve_degrees(4, dp_replicate=2, ep=2)
     with pytest.raises(ValueError, match="degrees must be >= 1"):
         resolve_degrees(4, sp=0)

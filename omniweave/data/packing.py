@@ -30,6 +30,14 @@ class MicroBatch:
     def label_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
+    @property
+    def real(self) -> torch.Tensor:
+        """Bool ``[rows, tokens]``: True for sample tokens, False for padding."""
+        position = torch.arange(self.input_ids.shape[1])
+        if self.cu_seqlens is not None:
+            return (position < sum(self.lengths)).unsqueeze(0)
+        return position.unsqueeze(0) < torch.tensor(self.lengths).unsqueeze(1)
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple

@@ -28,11 +28,14 @@ def apply_fsdp(
     shard_units: tuple[str, ...],
     dtype: str = "float32",
     cpu_offload: bool = False,
+    expert_units: tuple[str, ...] = (),
 ) -> None:
     """Wrap each module matching ``shard_units`` (children before parents), then the root.
 
     Tied input/output embeddings must live in one unit, so when they are tied
-    neither is wrapped on its own and the root holds them.
+    neither is wrapped on its own and the root holds them. ``expert_units`` are
+    sharded over the ranks that hold the same experts (their weights are already
+    DTensors on the ``ep`` axis).
     """
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
@@ -41,7 +44,9 @@ def apply_fsdp(
     )
     tied = _tied_module_names(model)
     for name, module in reversed(list(model.named_modules())):
-        if name and name not in tied and any(matches(name, glob) for glob in shard_units):
+        if name and name not in tied and any(matches(name, glob) for glob in expert_units):
+            fully_shard(module, **{**kwargs, "mesh": state.expert_sharding_mesh})
+        elif name and name not in tied and any(matches(name, glob) for glob in shard_units):
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
 

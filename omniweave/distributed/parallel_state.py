@@ -70,6 +70,11 @@ def resolve_degrees(
             f"parallel.ep={ep} must divide the FSDP ranks dp_shard x sp = {degrees.fsdp}; "
             f"choose an ep among the divisors of {degrees.fsdp}."
         )
+    if ep > 1 and dp_replicate > 1:
+        raise ValueError(
+            f"parallel.ep={ep} with parallel.dp_replicate={dp_replicate} (HSDP) is not supported "
+            "yet; use dp_replicate=1 with expert parallelism."
+        )
     return degrees
 
 
@@ -119,6 +124,13 @@ class ParallelState:
         self.fsdp_mesh = self._flat(("dp_shard", "sp"), "fsdp")
         self.dp_mesh = self._flat(("dp_replicate", "dp_shard"), "dp")
         self.loss_mesh = self._flat(("dp_replicate", "dp_shard", "sp"), "loss")
+        self.ep_mesh: DeviceMesh | None = None
+        self.expert_fsdp_mesh: DeviceMesh | None = None
+        if degrees.ep > 1:  # the FSDP ranks as (efsdp, ep): an EP group is ep adjacent ranks
+            experts = self.fsdp_mesh._unflatten(
+                0, (degrees.fsdp // degrees.ep, degrees.ep), ("efsdp", "ep")
+            )
+            self.ep_mesh, self.expert_fsdp_mesh = experts["ep"], experts["efsdp"]
 
     def _flat(self, names: tuple[str, ...], flat_name: str) -> DeviceMesh:
         present = tuple(name for name in names if name in self._axes)
@@ -138,6 +150,11 @@ class ParallelState:
     def dp_rank(self) -> int:
         """Index of this rank's sample stream (sequence-parallel peers share it)."""
         return self.dp_mesh.get_local_rank()
+
+    @property
+    def expert_sharding_mesh(self) -> DeviceMesh:
+        """Mesh FSDP2 shards expert weights on: the FSDP ranks holding the same experts."""
+        return self.sharding_mesh if self.degrees.ep == 1 else self.expert_fsdp_mesh
 
     @property
     def sp_group(self) -> dist.ProcessGroup | None:

@@ -7,19 +7,22 @@ No rank ever materialises the full model: weights come from safetensors slices
 from __future__ import annotations
 
 import json
-import math
 import os
 import zlib
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
+from omniweave.distributed.plan import shard_parameters
 from omniweave.models.registry import recipe_for
 
 Region = list[tuple[int, int]]  # (start, length) per tensor dim
@@ -60,10 +63,14 @@ def build_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     """Meta-device init, FSDP2 per the family's recipe, then load ``path`` or init from ``seed``."""
+    recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if state.ep_mesh is not None:
+        shard_parameters(model, dict(recipe.expert_plan), state.ep_mesh)
+        apply_expert_parallel(model, state.ep_mesh.get_group())
     if needs_fsdp(state, dtype, cpu_offload):
-        apply_fsdp(model, state, recipe_for(config.model_type).shard_units, dtype, cpu_offload)
+        apply_fsdp(model, state, recipe.shard_units, dtype, cpu_offload, recipe.expert_units)
     model.to_empty(device="cpu" if cpu_offload else state.device)
     if not isinstance(model.get_input_embeddings().weight, DTensor):
         model.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
@@ -84,18 +91,13 @@ def _init_buffers(model: nn.Module) -> None:
 
 
 def local_region(param: torch.Tensor) -> Region:
-    """The (start, length) per dim of the global tensor this rank holds (chunk semantics)."""
-    region = [(0, size) for size in param.shape]
+    """The (start, length) per dim of the global tensor this rank holds."""
     if not isinstance(param, DTensor):
-        return region
-    coordinate = param.device_mesh.get_coordinate()
-    for mesh_dim, placement in enumerate(param.placements):
-        if isinstance(placement, Shard):
-            start, length = region[placement.dim]
-            chunk = math.ceil(length / param.device_mesh.size(mesh_dim))
-            begin = min(coordinate[mesh_dim] * chunk, length)
-            region[placement.dim] = (start + begin, min(chunk, length - begin))
-    return region
+        return [(0, size) for size in param.shape]
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    return list(zip(offset, shape, strict=True))
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -118,22 +120,66 @@ def checkpoint_files(path: str) -> dict[str, str]:
 
 @torch.no_grad()
 def load_safetensors(model: nn.Module, path: str) -> None:
-    """Copy each parameter's local region from the checkpoint, one file open at a time."""
+    """Copy each parameter's local region from the checkpoint, reading nothing else.
+
+    Fused expert weights (``experts.gate_up_proj`` / ``experts.down_proj``) are also
+    read from HF's per-expert layout (``experts.{e}.gate_proj.weight``...), one
+    expert at a time, only for the experts this rank holds.
+    """
     files = checkpoint_files(path)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(files))
+    pieces = {name: _pieces(name, param.shape, files) for name, param in params.items()}
+    missing = sorted(name for name, found in pieces.items() if found is None)
     if missing:
         raise ValueError(f"Checkpoint '{path}' lacks {len(missing)} weights, e.g. {missing[:3]}.")
-    by_file: dict[str, list[str]] = {}
-    for name in params:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, "pt") as f:
-            for name in names:
-                param = params[name]
-                region = local_region(param)
-                index = tuple(slice(start, start + length) for start, length in region)
-                _local(param).copy_(f.get_slice(name)[index])
+    with ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def read(key: str, index: tuple[slice, ...]) -> torch.Tensor:
+            if files[key] not in handles:
+                handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
+            return handles[files[key]].get_slice(key)[index]
+
+        for name, param in params.items():
+            region = local_region(param)
+            _local(param).copy_(_read_region(region, pieces[name], read))
+
+
+Piece = tuple[str, int, int, int]  # (checkpoint key, expert, first row, rows) of a fused tensor
+
+
+def _pieces(name: str, shape: torch.Size, files: dict[str, str]) -> list[Piece] | None:
+    """Where a parameter's data lives: itself, or per-expert tensors; None if nowhere."""
+    if name in files:
+        return [(name, -1, 0, shape[0])]
+    prefix, _, fused = name.rpartition(".")
+    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}.get(fused)
+    if parts is None or len(shape) != 3:
+        return None
+    rows = shape[1] // len(parts)
+    pieces = [
+        (f"{prefix}.{expert}.{part}.weight", expert, i * rows, rows)
+        for expert in range(shape[0])
+        for i, part in enumerate(parts)
+    ]
+    return pieces if all(key in files for key, *_ in pieces) else None
+
+
+def _read_region(region: Region, pieces: list[Piece], read) -> torch.Tensor:
+    """The region of a tensor assembled from its pieces (see ``_pieces``)."""
+    index = tuple(slice(start, start + length) for start, length in region)
+    if pieces[0][1] == -1:
+        return read(pieces[0][0], index)
+    (e0, ne), (r0, nr), (c0, nc) = region
+    experts = []
+    for expert in range(e0, e0 + ne):
+        rows = []
+        for key, owner, first, count in pieces:
+            lo, hi = max(r0, first), min(r0 + nr, first + count)
+            if owner == expert and lo < hi:
+                rows.append(read(key, (slice(lo - first, hi - first), slice(c0, c0 + nc))))
+        experts.append(torch.cat(rows))
+    return torch.stack(experts) if experts else torch.empty(0, nr, nc)
 
 
 @torch.no_grad()

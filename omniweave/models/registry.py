@@ -2,11 +2,19 @@
 
 A recipe is data. ``shard_units`` are module-name globs, each matched module
 becoming one FSDP unit (its parameters are gathered together, just in time).
+``expert_plan`` maps expert parameters to their placement on the ``ep`` mesh
+axis; ``expert_units`` are the modules holding them (FSDP units of their own,
+sharded over the FSDP ranks that hold the same experts).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch.distributed.tensor import Placement, Shard
+
+EXPERTS = "model.layers.*.mlp.experts"
+FUSED_EXPERTS_PLAN = ((f"{EXPERTS}.gate_up_proj", Shard(0)), (f"{EXPERTS}.down_proj", Shard(0)))
 
 
 @dataclass(frozen=True)
@@ -14,6 +22,14 @@ class ModelRecipe:
     model_type: str
     block_classes: tuple[str, ...]
     shard_units: tuple[str, ...] = ("model.embed_tokens", "model.layers.*", "lm_head")
+    expert_plan: tuple[tuple[str, Placement], ...] = ()
+    expert_units: tuple[str, ...] = ()
+
+
+def _moe(model_type: str, block: str) -> ModelRecipe:
+    return ModelRecipe(
+        model_type, (block,), expert_plan=FUSED_EXPERTS_PLAN, expert_units=(EXPERTS,)
+    )
 
 
 RECIPES: dict[str, ModelRecipe] = {
@@ -23,7 +39,10 @@ RECIPES: dict[str, ModelRecipe] = {
         ModelRecipe("llama", ("LlamaDecoderLayer",)),
         ModelRecipe("qwen3", ("Qwen3DecoderLayer",)),
         ModelRecipe("mistral", ("MistralDecoderLayer",)),
-        ModelRecipe("qwen3_moe", ("Qwen3MoeDecoderLayer",)),
+        _moe("qwen3_moe", "Qwen3MoeDecoderLayer"),
+        _moe("qwen2_moe", "Qwen2MoeDecoderLayer"),
+        _moe("mixtral", "MixtralDecoderLayer"),
+        _moe("olmoe", "OlmoeDecoderLayer"),
         ModelRecipe(
             "qwen2_vl",
             ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),

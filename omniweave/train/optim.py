@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -48,8 +49,9 @@ def build_scheduler(
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (plain or DTensor, any meshes); clip when max_norm > 0.
 
-    Gradients are grouped by mesh and placements: each group's norm is a full
-    (reduced) tensor, and the groups combine as the root of summed squares.
+    Gradients are grouped by mesh and placements: each group's local sum of squares
+    is summed over the mesh dims that shard it, and the groups combine as the root
+    of the total.
     """
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict[tuple, list[torch.Tensor]] = {}
@@ -57,11 +59,15 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
         groups.setdefault(key, []).append(grad)
     squares = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
+    for key, group in groups.items():
+        local = [g.to_local() for g in group] if key else group
+        square = torch.nn.utils.get_total_norm(local, norm_type=2.0, foreach=True).float() ** 2
+        if key:  # sum over the mesh dims that split the gradients; replicas hold copies
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if not placement.is_replicate():  # Shard or FSDP's _StridedShard
+                    dist.all_reduce(square, group=mesh.get_group(dim))
+        squares.append(square)
     total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
     coefficient = max_norm / (float(total) + 1e-6)
     if max_norm > 0 and coefficient < 1.0:

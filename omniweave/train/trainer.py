@@ -19,6 +19,7 @@ from omniweave.config import Config, save_config
 from omniweave.data.loader import GlobalBatchSampler, TrainBatches, load_samples
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer
+from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import (
     Degrees,
     ParallelState,
@@ -36,12 +37,12 @@ from omniweave.train.metrics import (
     peak_memory_gb,
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from omniweave.train.router import RouterLoss, is_moe
 
 
 def check_supported(cfg: Config) -> None:
     """Refuse settings whose behaviour has not landed yet instead of ignoring them."""
     pending = {
-        "parallel.ep > 1 (expert parallelism, issue 4)": cfg.parallel.ep > 1,
         "checkpoint.every_steps / resume (issue 6)": cfg.checkpoint.every_steps > 0
         or cfg.checkpoint.resume != "none",
     }
@@ -58,6 +59,7 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     check_backend(cfg.model.attn_implementation)
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
     check_heads(hf_config, degrees.sp)
+    check_experts(hf_config, degrees.ep)
     budget = cfg.data.max_tokens_per_microbatch
     if budget is not None and budget < cfg.data.max_seq_len:
         raise ValueError(
@@ -121,6 +123,9 @@ class Trainer:
         if degrees.sp > 1 or d.packing:
             apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
         self.hf_config = hf_config
+        self.router_loss = (
+            RouterLoss(self.model, self.state.loss_mesh.get_group()) if is_moe(self.model) else None
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(
             self.model, t.lr, tuple(t.adam_betas), t.adam_eps, t.weight_decay
@@ -153,11 +158,20 @@ class Trainer:
         # result is the sum of token losses over the global batch / its number of label tokens.
         scale = self.state.degrees.dp * self.state.degrees.sp / label_tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        aux_sum, expert_counts = 0.0, None
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
-            token_loss = self._token_loss(batch)
-            (token_loss * scale).backward()
+            token_loss, router_logits = self._token_loss(batch)
+            loss = token_loss * scale
+            if router_logits is not None:
+                aux, counts = self.router_loss(router_logits, self._local(batch.real).flatten())
+                # Every rank holds the same aux value; its gradient reaches each rank's tokens
+                # through the gather, summed over ranks, which the gradient average undoes.
+                loss = loss + self.router_loss.coefficient * aux / len(batches)
+                aux_sum += float(aux.detach()) / len(batches)
+                expert_counts = counts if expert_counts is None else expert_counts + counts
+            loss.backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -166,8 +180,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         flops = self.dense_flops * input_tokens + self.attention_flops * squared_lengths
+        moe = {}
+        if expert_counts is not None:
+            load = expert_counts.double()
+            moe = {
+                "aux_loss": aux_sum,
+                "expert_load_max_over_mean": float((load.max(1).values / load.mean(1)).max()),
+            }
+        coefficient = self.router_loss.coefficient if moe else 0.0
         return {
-            "loss": float(loss_sum) / label_tokens,
+            **moe,
+            "loss": float(loss_sum) / label_tokens + coefficient * aux_sum,
             "grad_norm": float(grad_norm),
             "lr": lr,
             "step_tokens": int(input_tokens),
@@ -175,27 +198,29 @@ class Trainer:
             "flops": flops,
         }
 
-    def _token_loss(self, batch: MicroBatch) -> torch.Tensor:
-        """Summed cross-entropy of this rank's slice of the micro-batch (the sequence dim is
-        last in every tensor and split evenly over the SP ranks)."""
-        sp, rank, device = self.state.degrees.sp, self.state.sp_rank, self.state.device
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a full-sequence tensor (the sequence dim is last)."""
+        return t.chunk(self.state.degrees.sp, dim=-1)[self.state.sp_rank].to(self.state.device)
 
-        def local(t: torch.Tensor) -> torch.Tensor:
-            return t.chunk(sp, dim=-1)[rank].to(device)
-
+    def _token_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, tuple | None]:
+        """Summed cross-entropy of this rank's slice of the micro-batch, and the router
+        logits of MoE models."""
         extra = {} if batch.cu_seqlens is None else {"cu_seq_lens_q": batch.cu_seqlens}
-        logits = self.model(
-            input_ids=local(batch.input_ids),
-            position_ids=local(batch.position_ids),
+        if self.router_loss is not None:
+            extra["output_router_logits"] = True
+        outputs = self.model(
+            input_ids=self._local(batch.input_ids),
+            position_ids=self._local(batch.position_ids),
             use_cache=False,
             **extra,
-        ).logits
-        return F.cross_entropy(
-            logits.float().flatten(0, 1),
-            local(batch.targets).flatten(),
+        )
+        token_loss = F.cross_entropy(
+            outputs.logits.float().flatten(0, 1),
+            self._local(batch.targets).flatten(),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
+        return token_loss, outputs.router_logits if self.router_loss is not None else None
 
     def run(self) -> list[dict]:
         """Train to ``train.max_steps``; rank 0 writes the outputs. Returns the logged rows."""
@@ -243,6 +268,11 @@ class Trainer:
                     "samples_truncated": self.sample_counts["truncated"],
                     "samples_dropped": self.sample_counts["dropped_overlong"],
                 }
+                row.update(
+                    (key, result[key])
+                    for key in ("aux_loss", "expert_load_max_over_mean")
+                    if key in result
+                )
                 rows.append(row)
                 if self.cfg.log.all_ranks and not self.is_main:
                     print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
