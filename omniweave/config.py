@@ -58,6 +58,7 @@ class ParallelConfig:
     dp_shard: int = _opt(-1, ge=1, allow=(-1,))
     sp: int = _opt(1, ge=1)
     ep: int = _opt(1, ge=1)
+    grouped_experts: bool = False  # MoE experts as one grouped GEMM instead of a loop
     cpu_offload: bool = False
 
 

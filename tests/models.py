@@ -36,6 +36,14 @@ TINY["qwen3_moe"] = {
     "norm_topk_prob": True,
     "router_aux_loss_coef": 0.01,
 }
+TINY["olmoe"] = {
+    **TINY["llama"],
+    "model_type": "olmoe",
+    "intermediate_size": 32,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.01,
+}
 TINY["qwen3_moe_6x3"] = {**TINY["qwen3_moe"], "num_experts": 6, "num_experts_per_tok": 3}
 
 

@@ -3,7 +3,9 @@ the unsharded HF model trained by a plain loop (auxiliary load-balancing loss in
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -56,7 +58,8 @@ def moe_reference(model_path: str, corpus: dict) -> list[tuple[float, float]]:
             ce = ce + F.cross_entropy(out.logits[0, :-1], targets, reduction="sum") / count
             router.append(out.router_logits)
         layers = tuple(torch.cat(per_layer) for per_layer in zip(*router, strict=True))
-        aux = aux_loss(layers, config.num_experts, config.num_experts_per_tok)
+        experts = getattr(config, "num_experts", None) or config.num_local_experts
+        aux = aux_loss(layers, experts, config.num_experts_per_tok)
         loss = ce + config.router_aux_loss_coef * aux
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -88,6 +91,15 @@ def test_moe_expert_parallel_matches_unsharded_reference(corpus, tmp_path):
             out = str(tmp_path / f"{family}-{layout}".replace(" ", "_").replace(",", ""))
             extra = {"data.packing": True, **extra}
             runs.append((f"{family} {layout}", _overrides(models[family], corpus, out, **extra)))
+    models["olmoe"] = str(tmp_path / "olmoe")
+    hf_model("olmoe", seed=1).save_pretrained(models["olmoe"])
+    ep2 = {"data.packing": True, **layouts["ep=2"]}
+    runs.append(("olmoe ep=2", _overrides(models["olmoe"], corpus, str(tmp_path / "m"), **ep2)))
+    grouped = {**ep2, "parallel.grouped_experts": True}
+    grouped_out = str(tmp_path / "grouped")
+    runs.append(
+        ("qwen3_moe ep=2 grouped", _overrides(models["qwen3_moe"], corpus, grouped_out, **grouped))
+    )
     per_rank = run_distributed(_train_runs, 4, runs)
     assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
     for family, path in models.items():
@@ -100,6 +112,10 @@ def test_moe_expert_parallel_matches_unsharded_reference(corpus, tmp_path):
             ):
                 assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name}: loss, step {step + 1}"
                 assert norm == pytest.approx(ref_norm, rel=1e-4), f"{name}: norm, step {step + 1}"
+    with open(os.path.join(grouped_out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:  # router health is logged: the aux loss and the busiest expert's load
+        assert row["aux_loss"] > 0 and row["expert_load_max_over_mean"] >= 1.0
 
 
 def _dispatch(grouped: bool) -> dict:

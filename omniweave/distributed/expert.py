@@ -82,8 +82,8 @@ def local_experts(
 
 
 def make_experts_forward(group, grouped: bool = False):
-    """The ``ExpertsInterface`` function for the EP ``group``."""
-    ep = dist.get_world_size(group)
+    """The ``ExpertsInterface`` function for the EP ``group`` (None: all experts local)."""
+    ep = 1 if group is None else dist.get_world_size(group)
 
     def forward(
         module: nn.Module,
@@ -94,7 +94,8 @@ def make_experts_forward(group, grouped: bool = False):
         gate_up, down = module.gate_up_proj, module.down_proj
         if isinstance(gate_up, DTensor):
             gate_up, down = gate_up.to_local(), down.to_local()
-        gate_up, down = _ScaleGrad.apply(gate_up, 1 / ep), _ScaleGrad.apply(down, 1 / ep)
+        if ep > 1:
+            gate_up, down = _ScaleGrad.apply(gate_up, 1 / ep), _ScaleGrad.apply(down, 1 / ep)
         per_rank = gate_up.shape[0]
         num_experts = per_rank * ep
         top_k = top_k_index.shape[1]
@@ -102,13 +103,15 @@ def make_experts_forward(group, grouped: bool = False):
         experts = top_k_index.flatten()
         order = torch.argsort(experts, stable=True)
         counts = torch.bincount(experts, minlength=num_experts)
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=group)
+        received_counts = counts
+        if ep > 1:
+            received_counts = torch.empty_like(counts)
+            dist.all_to_all_single(received_counts, counts, group=group)
         send = counts.view(ep, per_rank).sum(1).tolist()
         received_counts = received_counts.view(ep, per_rank)  # [source rank, local expert]
         receive = received_counts.sum(1).tolist()
         tokens = hidden_states[order // top_k]
-        arrived = all_to_all_rows(tokens, send, receive, group)
+        arrived = all_to_all_rows(tokens, send, receive, group) if ep > 1 else tokens
         # Arrived rows are grouped by source rank, then expert: regroup by expert.
         local_ids = torch.arange(per_rank, device=experts.device).repeat(ep)
         arrived_ids = local_ids.repeat_interleave(received_counts.flatten())
@@ -118,7 +121,7 @@ def make_experts_forward(group, grouped: bool = False):
         )
         results = torch.empty_like(computed)
         results[by_expert] = computed
-        returned = all_to_all_rows(results, receive, send, group)
+        returned = all_to_all_rows(results, receive, send, group) if ep > 1 else results
         weights = top_k_weights.flatten()[order].unsqueeze(1).to(returned.dtype)
         output = torch.zeros_like(hidden_states)
         return output.index_add(0, order // top_k, returned * weights)
@@ -143,6 +146,7 @@ def check_experts(config, ep: int) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, group, grouped: bool = False) -> None:
-    """Route every fused-experts module through the EP dispatch of ``group``."""
+    """Route every fused-experts module through the EP dispatch of ``group`` (None: no EP,
+    for the grouped-GEMM compute alone)."""
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, make_experts_forward(group, grouped))
     model.config.get_text_config()._experts_implementation = EXPERTS_IMPLEMENTATION

@@ -61,14 +61,18 @@ def build_model(
     seed: int = 0,
     dtype: str = "float32",
     cpu_offload: bool = False,
+    grouped_experts: bool = False,
 ) -> nn.Module:
-    """Meta-device init, FSDP2 per the family's recipe, then load ``path`` or init from ``seed``."""
+    """Meta-device init, EP and FSDP2 per the family's recipe, then load ``path`` or init from
+    ``seed``. ``grouped_experts``: MoE experts compute with one grouped GEMM."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if state.ep_mesh is not None:
         shard_parameters(model, dict(recipe.expert_plan), state.ep_mesh)
-        apply_expert_parallel(model, state.ep_mesh.get_group())
+    if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
+        group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
+        apply_expert_parallel(model, group, grouped_experts)
     if needs_fsdp(state, dtype, cpu_offload):
         apply_fsdp(model, state, recipe.shard_units, dtype, cpu_offload, recipe.expert_units)
     model.to_empty(device="cpu" if cpu_offload else state.device)

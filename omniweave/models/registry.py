@@ -40,8 +40,6 @@ RECIPES: dict[str, ModelRecipe] = {
         ModelRecipe("qwen3", ("Qwen3DecoderLayer",)),
         ModelRecipe("mistral", ("MistralDecoderLayer",)),
         _moe("qwen3_moe", "Qwen3MoeDecoderLayer"),
-        _moe("qwen2_moe", "Qwen2MoeDecoderLayer"),
-        _moe("mixtral", "MixtralDecoderLayer"),
         _moe("olmoe", "OlmoeDecoderLayer"),
         ModelRecipe(
             "qwen2_vl",

@@ -119,6 +119,7 @@ class Trainer:
             t.seed,
             cfg.model.dtype,
             cfg.parallel.cpu_offload,
+            cfg.parallel.grouped_experts,
         )
         if degrees.sp > 1 or d.packing:
             apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
