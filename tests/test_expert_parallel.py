@@ -157,3 +157,43 @@ def test_dispatch_equals_unsharded_experts_with_empty_experts(grouped):
     for result in run_distributed(_dispatch, 2, grouped):
         assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
         assert result["expert_grad"] > 0
+
+
+def _reshard(model_path: str, corpus: dict, root: str) -> dict[str, tuple[float, float]]:
+    """Train 2 steps at ep=2 and save with DCP; load at ep=1 and ep=4; step 3 everywhere."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from omniweave.config import load_config
+    from omniweave.train.trainer import Trainer
+
+    def trainer(ep: int) -> Trainer:
+        extra = {"parallel.ep": ep, "data.packing": True, "train.micro_batch_size": 2}
+        return Trainer(load_config(None, _overrides(model_path, corpus, f"{root}/{ep}", **extra)))
+
+    checkpoint = f"{root}/checkpoint"
+    saved = trainer(2)
+    saved.train_step(0), saved.train_step(1)
+    dcp.save(get_model_state_dict(saved.model), checkpoint_id=checkpoint)
+    third = saved.train_step(2)
+    results = {"ep=2": (third["loss"], third["grad_norm"])}
+    for ep in (1, 4):
+        loaded = trainer(ep)
+        state = get_model_state_dict(loaded.model)
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_model_state_dict(loaded.model, state)
+        third = loaded.train_step(2)
+        results[f"ep={ep}"] = (third["loss"], third["grad_norm"])
+    results["not loaded"] = (trainer(4).train_step(2)["loss"], 0.0)
+    return results
+
+
+def test_checkpoint_saved_at_ep2_loads_at_ep1_and_ep4(corpus, tmp_path):
+    """Experts are global tensors in DCP state dicts, so the layout can change on load."""
+    path = str(tmp_path / "model")
+    hf_model("qwen3_moe", seed=1).save_pretrained(path)
+    results = run_distributed(_reshard, 4, path, corpus, str(tmp_path))[0]
+    assert results["not loaded"][0] != pytest.approx(results["ep=2"][0], rel=1e-3)
+    for layout in ("ep=1", "ep=4"):
+        assert results[layout][0] == pytest.approx(results["ep=2"][0], rel=1e-5), layout
+        assert results[layout][1] == pytest.approx(results["ep=2"][1], rel=1e-4), layout
