@@ -9,12 +9,14 @@ from torch.distributed.fsdp import (
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
+    register_fsdp_forward_method,
 )
 
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import matches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MIXIN_METHODS = ("lm_encode", "lm_embed", "lm_head", "lm_generate")  # OmniModel parts
 
 
 def needs_fsdp(state: ParallelState, dtype: str, cpu_offload: bool) -> bool:
@@ -48,6 +50,9 @@ def apply_fsdp(
             fully_shard(module, **{**kwargs, "mesh": state.expert_sharding_mesh})
         elif name and name not in tied and any(matches(name, glob) for glob in shard_units):
             fully_shard(module, **kwargs)
+            for method in MIXIN_METHODS:  # called instead of forward: gather params for them too
+                if hasattr(module, method):
+                    register_fsdp_forward_method(module, method)
     fully_shard(model, **kwargs)
 
 

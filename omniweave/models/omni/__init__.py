@@ -1,0 +1,1 @@
+"""OmniModel: encoders -> foundation LLM -> decoders."""

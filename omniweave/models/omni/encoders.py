@@ -1,0 +1,132 @@
+"""Modality encoders: each turns its raw inputs into LM-width embeddings (``lm_encode``).
+
+The contract an encoder meets (see ``OmniModel``):
+- ``lm_encode(items) -> [tokens, lm_hidden]``: the embeddings of all ``items`` of a
+  micro-batch, in order, to be scattered into the placeholder positions;
+- ``num_tokens(item) -> int``: how many placeholders an item takes in the text;
+- ``dummy_item()``: a tiny input for ranks whose micro-batch has none, so the
+  encoder still runs forward and backward and every collective stays matched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Blocks(nn.Module):
+    """A small pre-norm transformer over several items at once; items never attend to each
+    other (block-diagonal mask), and each layer runs once per call (one FSDP gather)."""
+
+    def __init__(self, width: int, depth: int, heads: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            for _ in range(depth)
+        )
+
+    def forward(self, sequences: list[torch.Tensor]) -> torch.Tensor:
+        lengths = torch.tensor([len(x) for x in sequences])
+        item = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+        blocked = (item[:, None] != item[None, :]).to(sequences[0].device)  # True = masked
+        x = torch.cat(sequences).unsqueeze(0)
+        for layer in self.layers:
+            x = layer(x, src_mask=blocked)
+        return x.squeeze(0)
+
+
+class VisionEncoder(nn.Module):
+    """NaViT-style: an image ``[channels, H, W]`` of any size (multiples of ``patch``) becomes
+    its own sequence of patches with factorised row/column position embeddings."""
+
+    def __init__(self, lm_hidden: int, width=64, depth=2, heads=4, patch=4, channels=1, grid=32):
+        super().__init__()
+        self.patch, self.channels = patch, channels
+        self.embed = nn.Linear(channels * patch * patch, width)
+        self.rows = nn.Embedding(grid, width)
+        self.cols = nn.Embedding(grid, width)
+        self.blocks = _Blocks(width, depth, heads)
+        self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, lm_hidden))
+
+    def num_tokens(self, image: torch.Tensor) -> int:
+        return (image.shape[1] // self.patch) * (image.shape[2] // self.patch)
+
+    def dummy_item(self) -> torch.Tensor:
+        return torch.zeros(self.channels, self.patch, self.patch)
+
+    def lm_encode(self, images: list[torch.Tensor]) -> torch.Tensor:
+        sequences = []
+        device = self.embed.weight.device
+        for image in images:
+            c, h, w = image.shape
+            p = self.patch
+            patches = image.to(device).reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4)
+            rows = torch.arange(h // p, device=device)[:, None].expand(h // p, w // p)
+            cols = torch.arange(w // p, device=device)[None, :].expand(h // p, w // p)
+            x = self.embed(patches.reshape((h // p) * (w // p), -1))
+            sequences.append(x + self.rows(rows.flatten()) + self.cols(cols.flatten()))
+        return self.project(self.blocks(sequences))
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """Triangular mel filters ``[n_mels, n_fft // 2 + 1]`` (HTK mel scale)."""
+
+    def mel(hz: float) -> float:
+        return 2595 * math.log10(1 + hz / 700)
+
+    edges = torch.linspace(mel(0), mel(sample_rate / 2), n_mels + 2)
+    hz = 700 * (10 ** (edges / 2595) - 1)
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    low, centre, high = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    rising = (freqs - low) / (centre - low)
+    falling = (high - freqs) / (high - centre)
+    return torch.clamp(torch.minimum(rising, falling), min=0)
+
+
+class AudioEncoder(nn.Module):
+    """Whisper-style: log-mel (``torch.stft``) -> two stride-2 convolutions -> transformer."""
+
+    def __init__(
+        self, lm_hidden: int, width=64, depth=2, heads=4, sample_rate=16000, n_mels=40, hop=160
+    ):
+        super().__init__()
+        self.n_fft, self.hop = 400, hop
+        self.register_buffer(
+            "filters", mel_filterbank(sample_rate, self.n_fft, n_mels), persistent=False
+        )
+        self.conv1 = nn.Conv1d(n_mels, width, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.position = nn.Embedding(1500, width)
+        self.blocks = _Blocks(width, depth, heads)
+        self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, lm_hidden))
+
+    def num_tokens(self, waveform: torch.Tensor) -> int:
+        frames = waveform.shape[-1] // self.hop + 1
+        return ((frames - 1) // 2) // 2 + 1
+
+    def dummy_item(self) -> torch.Tensor:
+        return torch.zeros(self.n_fft)
+
+    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        window = torch.hann_window(self.n_fft, device=waveform.device)
+        spectrum = torch.stft(
+            waveform, self.n_fft, self.hop, window=window, center=True, return_complex=True
+        )
+        power = spectrum.abs() ** 2  # [freqs, frames]
+        return torch.log10(torch.clamp(self.filters.to(power.device) @ power, min=1e-10))
+
+    def lm_encode(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
+        sequences = []
+        for waveform in waveforms:
+            x = self.log_mel(waveform.to(self.conv1.weight.device)).unsqueeze(0)
+            x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).squeeze(0).transpose(0, 1)
+            sequences.append(x + self.position(torch.arange(x.shape[0], device=x.device)))
+        return self.project(self.blocks(sequences))
+
+
+ENCODERS = {"vision": VisionEncoder, "audio": AudioEncoder}
