@@ -18,10 +18,10 @@ ENCODERS = {
 }
 
 
-def _model():
+def _model(family: str = "qwen2"):
     from omniweave.models.omni.model import OmniModel
 
-    foundation = hf_model("qwen2", seed=5)
+    foundation = hf_model(family, seed=5)
     torch.manual_seed(6)
     return OmniModel.from_config(foundation, ENCODERS)
 
@@ -63,8 +63,8 @@ def _optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def _reference() -> list[tuple[float, float]]:
-    model = _model()
+def _reference(family: str) -> list[tuple[float, float]]:
+    model = _model(family)
     optimizer = _optimizer(model)
     samples = _samples(model)
     count = _label_count(samples)
@@ -83,24 +83,34 @@ def _reference() -> list[tuple[float, float]]:
     return results
 
 
-def _sharded() -> list[tuple[float, float]]:
-    """dp_shard=2 x sp=2: data-parallel rank 0 packs three samples with media, rank 1 holds
-    only the text sample (its encoders run on dummy inputs)."""
+def _sharded(family: str, ep: int) -> list[tuple[float, float]]:
+    """dp_shard=2 x sp=2 (and ep): data-parallel rank 0 packs three samples with media, rank 1
+    holds only the text sample (its encoders run on dummy inputs)."""
     import torch.distributed as dist
 
     from omniweave.data.loader import Sample
     from omniweave.data.packing import pack_row
+    from omniweave.distributed.expert import apply_expert_parallel
     from omniweave.distributed.fsdp import apply_fsdp
     from omniweave.distributed.parallel_state import ParallelState, resolve_degrees
+    from omniweave.distributed.plan import shard_parameters
     from omniweave.distributed.ulysses import apply_sequence_attention, split_sequence_inputs
     from omniweave.models.omni.model import OMNI_SHARD_UNITS
+    from omniweave.models.registry import recipe_for
     from omniweave.train.optim import clip_grad_norm
 
-    state = ParallelState(resolve_degrees(4, dp_shard=2, sp=2), torch.device("cpu"))
-    model = _model()
+    state = ParallelState(resolve_degrees(4, dp_shard=2, sp=2, ep=ep), torch.device("cpu"))
+    model = _model(family)
     samples = _samples(model)
     count = _label_count(samples)
-    apply_fsdp(model, state, OMNI_SHARD_UNITS)
+    expert_units = ()
+    if ep > 1:  # the foundation's own expert plan, under the OmniModel's "foundation." prefix
+        recipe = recipe_for(family)
+        plan = {f"foundation.{glob}": placement for glob, placement in recipe.expert_plan}
+        shard_parameters(model, plan, state.ep_mesh)
+        apply_expert_parallel(model.foundation, state.ep_mesh.get_group())
+        expert_units = tuple(f"foundation.{glob}" for glob in recipe.expert_units)
+    apply_fsdp(model, state, OMNI_SHARD_UNITS, expert_units=expert_units)
     apply_sequence_attention(model.foundation, "sdpa", state.sp_group)
     split_sequence_inputs(model.foundation.model, state.sp_group)
     optimizer = _optimizer(model)
@@ -128,9 +138,10 @@ def _sharded() -> list[tuple[float, float]]:
     return results
 
 
-def test_omni_model_fsdp_and_sp_match_unsharded_with_a_rank_without_media():
-    reference = _reference()
-    per_rank = run_distributed(_sharded, 4)
+@pytest.mark.parametrize(("family", "ep"), [("qwen2", 1), ("qwen3_moe", 2)])
+def test_omni_model_fsdp_sp_ep_match_unsharded_with_a_rank_without_media(family, ep):
+    reference = _reference(family)
+    per_rank = run_distributed(_sharded, 4, family, ep)
     assert all(r == per_rank[0] for r in per_rank)
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(
         zip(per_rank[0], reference, strict=True)
