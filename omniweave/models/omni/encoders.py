@@ -129,4 +129,17 @@ class AudioEncoder(nn.Module):
         return self.project(self.blocks(sequences))
 
 
-ENCODERS = {"vision": VisionEncoder, "audio": AudioEncoder}
+ENCODERS: dict[str, type[nn.Module]] = {"vision": VisionEncoder, "audio": AudioEncoder}
+
+
+def register_encoder(name: str, encoder_class: type[nn.Module]) -> None:
+    """Make ``encoder_class`` available as ``{"type": name}`` in an OmniModel's encoders.
+
+    Its constructor takes the LM width first, then the options of its config entry.
+    """
+    missing = [
+        m for m in ("lm_encode", "num_tokens", "dummy_item") if not hasattr(encoder_class, m)
+    ]
+    if missing:
+        raise ValueError(f"encoder class {encoder_class.__name__} lacks {', '.join(missing)}.")
+    ENCODERS[name] = encoder_class

@@ -44,6 +44,11 @@ class OmniModel(nn.Module):
         for modality, options in encoders.items():
             options = dict(options)
             kind, placeholders[modality] = options.pop("type"), options.pop("placeholder")
+            if kind not in ENCODERS:
+                raise ValueError(
+                    f"encoders.{modality}: unknown type '{kind}'; registered: "
+                    f"{', '.join(sorted(ENCODERS))} (add one with register_encoder)."
+                )
             built[modality] = ENCODERS[kind](hidden, **options)
         return cls(foundation, built, placeholders)
 
