@@ -34,6 +34,7 @@ class ModelConfig:
     config: dict | None = field(default=None, metadata={"required_keys": ("model_type",)})
     dtype: str = _opt("float32", choices=("float32", "bfloat16"))  # bf16: fp32 master + reduce
     attn_implementation: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    omni: dict | None = field(default=None, metadata={"required_keys": ("encoders",)})
 
 
 @dataclass

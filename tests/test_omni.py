@@ -95,7 +95,7 @@ def _sharded(family: str, ep: int) -> list[tuple[float, float]]:
     from omniweave.distributed.parallel_state import ParallelState, resolve_degrees
     from omniweave.distributed.plan import shard_parameters
     from omniweave.distributed.ulysses import apply_sequence_attention, split_sequence_inputs
-    from omniweave.models.omni.model import OMNI_SHARD_UNITS
+    from omniweave.models.omni.model import ENCODER_UNITS
     from omniweave.models.registry import recipe_for
     from omniweave.train.optim import clip_grad_norm
 
@@ -110,7 +110,8 @@ def _sharded(family: str, ep: int) -> list[tuple[float, float]]:
         shard_parameters(model, plan, state.ep_mesh)
         apply_expert_parallel(model.foundation, state.ep_mesh.get_group())
         expert_units = tuple(f"foundation.{glob}" for glob in recipe.expert_units)
-    apply_fsdp(model, state, OMNI_SHARD_UNITS, expert_units=expert_units)
+    units = ENCODER_UNITS + tuple(f"foundation.{u}" for u in recipe_for(family).shard_units)
+    apply_fsdp(model, state, units, expert_units=expert_units)
     apply_sequence_attention(model.foundation, "sdpa", state.sp_group)
     split_sequence_inputs(model.foundation.model, state.sp_group)
     optimizer = _optimizer(model)

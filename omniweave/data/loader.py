@@ -8,12 +8,13 @@ and resuming at step k needs no state but k.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from omniweave.data.packing import MicroBatch, budget_micro_batches, empty_batch, pack_row, pad_rows
-from omniweave.data.processors import IGNORE_INDEX, tokenize_record
+from omniweave.data.processors import IGNORE_INDEX, tokenize_multimodal, tokenize_record
 from omniweave.data.records import read_records
 
 
@@ -21,33 +22,50 @@ from omniweave.data.records import read_records
 class Sample:
     input_ids: list[int]
     labels: list[int]
+    media: dict[str, list[torch.Tensor]] | None = None  # per modality, in text order
 
 
 def load_samples(
-    path: str, tokenizer, max_seq_len: int, on_overlong: str
+    path: str, tokenizer, max_seq_len: int, on_overlong: str, omni=None
 ) -> tuple[list[Sample], dict[str, int]]:
     """Read and tokenize every record; apply the over-long policy (truncate, drop, error).
 
+    ``omni`` (an OmniModel's encoders and placeholder ids) enables media records; a
+    multimodal sample is truncated only where no placeholder is lost, else dropped.
     Returns the samples and the counts of what was changed or left out, for reporting:
     ``truncated``, ``dropped_overlong`` and ``no_labels`` (nothing left to learn from).
     """
     samples = []
     counts = {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
+    base_dir = os.path.dirname(os.path.abspath(path))
     for number, record in enumerate(read_records(path), start=1):
-        tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
+        if record.get("media") and omni is None:
+            raise ValueError(f"{path}: record {number} has media but the model has no encoders.")
+        try:
+            if omni is not None and record.get("text") is not None:
+                tokens = tokenize_multimodal(record, tokenizer, *omni, base_dir)
+            else:
+                tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
+        except ValueError as error:
+            raise ValueError(f"{path}: record {number}: {error}") from None
+        media = tokens.pop("media", None)
         if len(tokens["input_ids"]) > max_seq_len:
             if on_overlong == "error":
                 raise ValueError(
                     f"{path}: record {number} is longer than data.max_seq_len={max_seq_len} "
                     "tokens; raise max_seq_len or set data.on_overlong to truncate or drop."
                 )
-            if on_overlong == "drop":
+            cut = {key: value[:max_seq_len] for key, value in tokens.items()}
+            lost = omni is not None and any(
+                tokens["input_ids"][max_seq_len:].count(mark) for mark in omni[1].values()
+            )
+            if on_overlong == "drop" or lost:
                 counts["dropped_overlong"] += 1
                 continue
             counts["truncated"] += 1
-            tokens = {key: value[:max_seq_len] for key, value in tokens.items()}
+            tokens = cut
         if any(label != IGNORE_INDEX for label in tokens["labels"][1:]):
-            samples.append(Sample(tokens["input_ids"], tokens["labels"]))
+            samples.append(Sample(tokens["input_ids"], tokens["labels"], media))
         else:
             counts["no_labels"] += 1
     return samples, counts

@@ -9,7 +9,7 @@ padding is never a target.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class MicroBatch:
     position_ids: torch.Tensor  # [rows, tokens]
     cu_seqlens: torch.Tensor | None  # [segments + 1] for a packed row, else None
     lengths: list[int]  # real (non-padding) tokens per sample
+    media: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # in placeholder order
 
     @property
     def label_tokens(self) -> int:
@@ -58,7 +59,7 @@ def pad_rows(samples: list, pad_id: int, multiple: int = 1) -> MicroBatch:
         targets[row, :n] = torch.tensor(_shifted(sample.labels))
     position_ids = torch.arange(length).expand(len(samples), length).clone()
     lengths = [len(s.input_ids) for s in samples]
-    return MicroBatch(input_ids, targets, position_ids, None, lengths)
+    return MicroBatch(input_ids, targets, position_ids, None, lengths, _media(samples))
 
 
 def pack_row(samples: list, pad_id: int, multiple: int = 1) -> MicroBatch:
@@ -82,7 +83,17 @@ def pack_row(samples: list, pad_id: int, multiple: int = 1) -> MicroBatch:
         torch.tensor([positions], dtype=torch.long),
         torch.tensor(bounds, dtype=torch.int32),
         [len(s.input_ids) for s in samples],
+        _media(samples),
     )
+
+
+def _media(samples: list) -> dict[str, list[torch.Tensor]]:
+    """The samples' media items per modality, in the order their placeholders appear."""
+    media: dict[str, list[torch.Tensor]] = {}
+    for sample in samples:
+        for modality, items in (getattr(sample, "media", None) or {}).items():
+            media.setdefault(modality, []).extend(items)
+    return media
 
 
 def empty_batch(pad_id: int, multiple: int = 1) -> MicroBatch:

@@ -1,6 +1,7 @@
 """Turn records into token ids and labels with a local Hugging Face tokenizer."""
 
 import os
+import re
 
 IGNORE_INDEX = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -75,3 +76,34 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def tokenize_multimodal(
+    record: dict, tokenizer, encoders: dict, placeholders: dict[str, int], base_dir: str
+) -> dict:
+    """A text record with ``<modality>`` markers: each marker becomes ``num_tokens(item)``
+    placeholder ids (never labels); returns ``input_ids``, ``labels`` and ``media`` tensors."""
+    from omniweave.data.media import load_item
+
+    paths = record.get("media") or {}
+    unknown = sorted(set(paths) - set(encoders))
+    if unknown:
+        raise ValueError(f"media of unknown modality {unknown}; the model has {sorted(encoders)}")
+    media = {m: [load_item(encoders[m], base_dir, p) for p in paths.get(m, [])] for m in encoders}
+    pieces = re.split("<(" + "|".join(map(re.escape, encoders)) + ")>", record["text"])
+    ids, used = [], dict.fromkeys(encoders, 0)
+    for index, piece in enumerate(pieces):
+        if index % 2 == 0:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            continue
+        if used[piece] == len(media[piece]):
+            raise ValueError(f"more <{piece}> markers than media files ({len(media[piece])})")
+        ids += [placeholders[piece]] * encoders[piece].num_tokens(media[piece][used[piece]])
+        used[piece] += 1
+    unused = [m for m in encoders if used[m] != len(media[m])]
+    if unused:
+        raise ValueError(f"media without a <marker> in the text: {unused}")
+    ids.append(tokenizer.eos_token_id)
+    marks = set(placeholders.values())
+    labels = [IGNORE_INDEX if i in marks else i for i in ids]
+    return {"input_ids": ids, "labels": labels, "media": media}

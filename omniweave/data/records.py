@@ -1,4 +1,5 @@
-"""The sample schema: a record is ``{"text": str}`` or ``{"messages": [...]}``.
+"""The sample schema: a record is ``{"text": str}`` or ``{"messages": [...]}``; a text
+record may carry ``"media": {modality: [paths]}`` (items at ``<modality>`` markers).
 
 ``read_records`` loads a whole ``.jsonl`` or ``.parquet`` file and validates every
 record, so that a bad sample fails up front with its file and line.
@@ -42,6 +43,16 @@ def validate_record(record: Any) -> str | None:
     text, messages = record.get("text"), record.get("messages")
     if text is not None and messages is not None:
         return "has both 'text' and 'messages'; set exactly one"
+    media = record.get("media")
+    if media is not None and (
+        text is None
+        or not isinstance(media, dict)
+        or not all(
+            isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+            for paths in media.values()
+        )
+    ):
+        return "'media' must map modality names to lists of file paths, next to a 'text'"
     if text is not None:
         if not isinstance(text, str):
             return f"'text' must be a string, got {type(text).__name__}"

@@ -23,6 +23,7 @@ from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import shard_parameters
+from omniweave.models.omni.model import ENCODER_UNITS, OmniModel
 from omniweave.models.registry import recipe_for
 
 Region = list[tuple[int, int]]  # (start, length) per tensor dim
@@ -62,27 +63,43 @@ def build_model(
     dtype: str = "float32",
     cpu_offload: bool = False,
     grouped_experts: bool = False,
+    omni: dict | None = None,
 ) -> nn.Module:
     """Meta-device init, EP and FSDP2 per the family's recipe, then load ``path`` or init from
-    ``seed``. ``grouped_experts``: MoE experts compute with one grouped GEMM."""
+    ``seed``. ``grouped_experts``: MoE experts compute with one grouped GEMM. ``omni``: an
+    OmniModel with these encoders in front (``path`` then holds the foundation only)."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = foundation = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if omni:
+            model = OmniModel.from_config(foundation, omni["encoders"])
+    prefix = "foundation." if omni else ""
+    units = tuple(prefix + glob for glob in recipe.shard_units)
+    if omni:
+        units = ENCODER_UNITS + units
     if state.ep_mesh is not None:
-        shard_parameters(model, dict(recipe.expert_plan), state.ep_mesh)
+        plan = {prefix + glob: placement for glob, placement in recipe.expert_plan}
+        shard_parameters(model, plan, state.ep_mesh)
     if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
         group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
-        apply_expert_parallel(model, group, grouped_experts)
+        apply_expert_parallel(foundation, group, grouped_experts)
     if needs_fsdp(state, dtype, cpu_offload):
-        apply_fsdp(model, state, recipe.shard_units, dtype, cpu_offload, recipe.expert_units)
+        expert_units = tuple(prefix + glob for glob in recipe.expert_units)
+        apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)
     model.to_empty(device="cpu" if cpu_offload else state.device)
-    if not isinstance(model.get_input_embeddings().weight, DTensor):
-        model.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
-    _init_buffers(model)
+    if not isinstance(foundation.get_input_embeddings().weight, DTensor):
+        foundation.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
+    _init_buffers(foundation)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    std = getattr(config, "initializer_range", 0.02)
     if path:
-        load_safetensors(model, path)
+        load_safetensors(foundation, path)
+        if omni:
+            init_random(model.encoders, seed, std)
     else:
-        init_random(model, seed, getattr(config, "initializer_range", 0.02))
+        init_random(model, seed, std)
     model.train()
     return model
 

@@ -27,8 +27,13 @@ from omniweave.distributed.parallel_state import (
     init_process_group,
     resolve_degrees,
 )
-from omniweave.distributed.ulysses import apply_sequence_attention, check_heads
+from omniweave.distributed.ulysses import (
+    apply_sequence_attention,
+    check_heads,
+    split_sequence_inputs,
+)
 from omniweave.models.loader import build_model, load_hf_config
+from omniweave.models.omni.model import build_encoders
 from omniweave.ops.attention import check_backend
 from omniweave.train.metrics import (
     MetricsWriter,
@@ -87,8 +92,18 @@ class Trainer:
         if not (self.is_main or cfg.log.all_ranks):
             quiet_this_rank()
         seed_everything(cfg.train.seed)
+        omni = cfg.model.omni
+        encoders = None
+        if omni:  # on the meta device: only their token counts and input formats are needed
+            with torch.device("meta"):
+                hidden = hf_config.get_text_config().hidden_size
+                encoders = build_encoders(hidden, omni["encoders"])
         self.samples, self.sample_counts = load_samples(
-            cfg.data.train_path, self.tokenizer, cfg.data.max_seq_len, cfg.data.on_overlong
+            cfg.data.train_path,
+            self.tokenizer,
+            cfg.data.max_seq_len,
+            cfg.data.on_overlong,
+            encoders,
         )
         t, d = cfg.train, cfg.data
         sampler = GlobalBatchSampler(
@@ -120,12 +135,18 @@ class Trainer:
             cfg.model.dtype,
             cfg.parallel.cpu_offload,
             cfg.parallel.grouped_experts,
+            omni,
         )
+        self.foundation = self.model.foundation if omni else self.model
         if degrees.sp > 1 or d.packing:
             apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
+        if omni and degrees.sp > 1:  # embeddings are built whole; the decoder stack gets a slice
+            split_sequence_inputs(self.foundation.model, self.state.sp_group)
         self.hf_config = hf_config
         self.router_loss = (
-            RouterLoss(self.model, self.state.loss_mesh.get_group()) if is_moe(self.model) else None
+            RouterLoss(self.foundation, self.state.loss_mesh.get_group())
+            if is_moe(self.model)
+            else None
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(
@@ -209,12 +230,19 @@ class Trainer:
         extra = {} if batch.cu_seqlens is None else {"cu_seq_lens_q": batch.cu_seqlens}
         if self.router_loss is not None:
             extra["output_router_logits"] = True
-        outputs = self.model(
-            input_ids=self._local(batch.input_ids),
-            position_ids=self._local(batch.position_ids),
-            use_cache=False,
-            **extra,
-        )
+        if self.foundation is self.model:
+            inputs = {
+                "input_ids": self._local(batch.input_ids),
+                "position_ids": self._local(batch.position_ids),
+            }
+        else:  # OmniModel: the whole sequence; the decoder stack takes its slice
+            device = self.state.device
+            inputs = {
+                "input_ids": batch.input_ids.to(device),
+                "position_ids": batch.position_ids.to(device),
+                "media": batch.media,
+            }
+        outputs = self.model(**inputs, use_cache=False, **extra)
         token_loss = F.cross_entropy(
             outputs.logits.float().flatten(0, 1),
             self._local(batch.targets).flatten(),

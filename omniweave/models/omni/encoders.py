@@ -95,7 +95,7 @@ class AudioEncoder(nn.Module):
         self, lm_hidden: int, width=64, depth=2, heads=4, sample_rate=16000, n_mels=40, hop=160
     ):
         super().__init__()
-        self.n_fft, self.hop = 400, hop
+        self.n_fft, self.hop, self.sample_rate = 400, hop, sample_rate
         self.register_buffer(
             "filters", mel_filterbank(sample_rate, self.n_fft, n_mels), persistent=False
         )
@@ -104,6 +104,12 @@ class AudioEncoder(nn.Module):
         self.position = nn.Embedding(1500, width)
         self.blocks = _Blocks(width, depth, heads)
         self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, lm_hidden))
+
+    def reset_buffers(self) -> None:
+        """Recompute the mel filters (after building on the meta device)."""
+        self.filters = mel_filterbank(self.sample_rate, self.n_fft, self.filters.shape[0]).to(
+            self.conv1.weight.device
+        )
 
     def num_tokens(self, waveform: torch.Tensor) -> int:
         frames = waveform.shape[-1] // self.hop + 1

@@ -14,14 +14,27 @@ from torch import nn
 
 from omniweave.models.omni.encoders import ENCODERS
 
-# FSDP units of an OmniModel (globs): encoder blocks, encoders, then the foundation's.
-OMNI_SHARD_UNITS = (
-    "encoders.*.blocks.layers.*",
-    "encoders.*",
-    "foundation.model.embed_tokens",
-    "foundation.model.layers.*",
-    "foundation.lm_head",
-)
+ENCODER_UNITS = ("encoders.*.blocks.layers.*", "encoders.*")  # FSDP units (globs)
+
+
+def build_encoders(
+    lm_hidden: int, encoders: dict[str, dict]
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """``encoders``: modality -> {"type": vision|audio|registered, "placeholder": token id,
+    **options}. Returns the encoders and the placeholder id of each modality."""
+    built, placeholders = {}, {}
+    for modality, options in encoders.items():
+        options = dict(options)
+        kind, placeholder = options.pop("type", None), options.pop("placeholder", None)
+        if kind not in ENCODERS or not isinstance(placeholder, int):
+            raise ValueError(
+                f"model.omni.encoders.{modality} needs a 'type' among "
+                f"{', '.join(sorted(ENCODERS))} (add more with register_encoder) and an integer "
+                f"'placeholder' token id; got type={kind!r}, placeholder={placeholder!r}."
+            )
+        placeholders[modality] = placeholder
+        built[modality] = ENCODERS[kind](lm_hidden, **options)
+    return built, placeholders
 
 
 class OmniModel(nn.Module):
@@ -38,19 +51,15 @@ class OmniModel(nn.Module):
 
     @classmethod
     def from_config(cls, foundation: nn.Module, encoders: dict[str, dict]) -> OmniModel:
-        """``encoders``: modality -> {"type": vision|audio, "placeholder": id, **options}."""
+        """Encoders built by ``build_encoders`` in front of ``foundation``."""
         hidden = foundation.config.get_text_config().hidden_size
-        built, placeholders = {}, {}
-        for modality, options in encoders.items():
-            options = dict(options)
-            kind, placeholders[modality] = options.pop("type"), options.pop("placeholder")
-            if kind not in ENCODERS:
-                raise ValueError(
-                    f"encoders.{modality}: unknown type '{kind}'; registered: "
-                    f"{', '.join(sorted(ENCODERS))} (add one with register_encoder)."
-                )
-            built[modality] = ENCODERS[kind](hidden, **options)
-        return cls(foundation, built, placeholders)
+        return cls(foundation, *build_encoders(hidden, encoders))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.foundation.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.foundation.get_output_embeddings()
 
     def embed(self, input_ids: torch.Tensor, media: dict[str, list]) -> torch.Tensor:
         """Token embeddings with every encoder's output at its placeholders. An encoder with

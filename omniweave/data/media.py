@@ -1,0 +1,50 @@
+"""Media files of multimodal records: images (Pillow) and WAV audio, as tensors.
+
+A record ``{"text": "a <image> of a digit", "media": {"image": ["digit.png"]}}``
+puts each item where its ``<modality>`` marker is; paths are relative to the
+data file. A missing or unreadable file is an error naming the file and record.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+
+import numpy as np
+import torch
+
+
+def load_image(path: str, channels: int, patch: int) -> torch.Tensor:
+    """``[channels, H, W]`` floats in [0, 1], cropped to multiples of ``patch``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    array = array[: array.shape[0] // patch * patch, : array.shape[1] // patch * patch]
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image smaller than one {patch}x{patch} patch")
+    tensor = torch.from_numpy(array / 255.0)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_wav(path: str, sample_rate: int) -> torch.Tensor:
+    """Mono float waveform of a 16-bit PCM WAV file recorded at ``sample_rate``."""
+    with wave.open(path, "rb") as f:
+        if f.getsampwidth() != 2:
+            raise ValueError("only 16-bit PCM WAV is supported")
+        if f.getframerate() != sample_rate:
+            raise ValueError(f"sample rate {f.getframerate()} Hz, expected {sample_rate} Hz")
+        frames = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
+        frames = frames.reshape(-1, f.getnchannels()).mean(axis=1)
+    return torch.from_numpy(frames.astype(np.float32) / 32768.0)
+
+
+def load_item(encoder, base_dir: str, path: str) -> torch.Tensor:
+    """Load one media file the way ``encoder`` (vision or audio) expects it."""
+    full = os.path.join(base_dir, path)
+    try:
+        if hasattr(encoder, "patch"):
+            return load_image(full, encoder.channels, encoder.patch)
+        return load_wav(full, encoder.sample_rate)
+    except (OSError, ValueError, EOFError, wave.Error) as error:
+        raise ValueError(f"{full}: cannot read ({error})") from None

@@ -1,0 +1,108 @@
+"""`omniweave train` on image/audio/text records with an OmniModel (model.omni): the same loss
+curve in 1 process and at dp_shard=2 x sp=2, and clear errors for bad media."""
+
+from __future__ import annotations
+
+import json
+import wave
+
+import numpy as np
+import pytest
+
+from tests.distributed import run_distributed
+from tests.models import TINY
+from tests.test_parity import _train_runs
+
+IMAGE, AUDIO = 512, 513  # past the 512-token BPE's ids
+ENCODERS = {
+    "image": {"type": "vision", "placeholder": IMAGE, "width": 32, "heads": 2, "patch": 4},
+    "audio": {"type": "audio", "placeholder": AUDIO, "width": 32, "heads": 2, "n_mels": 16},
+}
+
+
+def _write_media(root, rng) -> tuple[str, str]:
+    from PIL import Image
+
+    image = root / f"img{rng.integers(1e9)}.png"
+    height, width = 4 * rng.integers(2, 5), 4 * rng.integers(2, 5)
+    Image.fromarray(rng.integers(0, 255, (height, width), dtype=np.uint8)).save(image)
+    audio = root / f"snd{rng.integers(1e9)}.wav"
+    with wave.open(str(audio), "wb") as f:
+        f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+        f.writeframes(rng.integers(-3000, 3000, 800 * rng.integers(1, 4), dtype="<i2").tobytes())
+    return image.name, audio.name
+
+
+@pytest.fixture(scope="module")
+def omni_data(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("omni")
+    rng = np.random.default_rng(0)
+    words = ["a", "digit", "sound", "of", "the", "model", "hears", "sees", "one", "two"]
+    records = []
+    for index in range(24):
+        text = " ".join(rng.choice(words, 4 + index % 5))
+        image, audio = _write_media(root, rng)
+        kind = index % 4
+        if kind == 0:
+            records.append({"text": f"<image> {text}", "media": {"image": [image]}})
+        elif kind == 1:
+            records.append({"text": f"{text} <audio> {text}", "media": {"audio": [audio]}})
+        elif kind == 2:
+            media = {"image": [image], "audio": [audio]}
+            records.append({"text": f"<audio> {text} <image>", "media": media})
+        else:
+            records.append({"text": text})
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"train_path": str(data), "tokenizer_path": corpus["tokenizer_path"], "root": root}
+
+
+def _args(data: dict, out: str, **extra) -> list[str]:
+    settings = {
+        "model.config": {**TINY["qwen2"], "vocab_size": 520},
+        "model.omni": {"encoders": ENCODERS},
+        "data.train_path": data["train_path"],
+        "data.tokenizer_path": data["tokenizer_path"],
+        "data.max_seq_len": 256,
+        "data.shuffle": False,
+        "data.packing": True,
+        "train.output_dir": out,
+        "train.max_steps": 5,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.lr": 1e-3,
+        "train.peak_flops": 1e12,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "log.plot": False,
+        **extra,
+    }
+    return [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def test_omni_training_matches_across_layouts(omni_data, tmp_path):
+    one = run_distributed(_train_runs, 1, [("1 process", _args(omni_data, str(tmp_path / "a")))])
+    extra = {"parallel.dp_shard": 2, "parallel.sp": 2, "train.micro_batch_size": 1}
+    runs = [("2x2", _args(omni_data, str(tmp_path / "b"), **extra))]
+    four = run_distributed(_train_runs, 4, runs)
+    assert all(r == four[0] for r in four)
+    reference, sharded = one[0]["1 process"], four[0]["2x2"]
+    assert reference[-1][0] < reference[0][0]  # it learns
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(
+        zip(sharded, reference, strict=True)
+    ):
+        assert loss == pytest.approx(ref_loss, rel=1e-5), f"loss at step {step + 1}"
+        assert norm == pytest.approx(ref_norm, rel=1e-4), f"grad norm at step {step + 1}"
+
+
+def test_missing_media_file_names_file_and_record(omni_data, tmp_path):
+    from omniweave.config import load_config
+    from omniweave.train.trainer import Trainer
+
+    bad = omni_data["root"] / "bad.jsonl"  # media paths are relative to the data file
+    text = (omni_data["root"] / "train.jsonl").read_text().splitlines()
+    text[2] = json.dumps({"text": "<image> gone", "media": {"image": ["missing.png"]}})
+    bad.write_text("\n".join(text) + "\n")
+    data = {**omni_data, "train_path": str(bad)}
+    with pytest.raises(ValueError, match=r"record 3: .*missing.png: cannot read"):
+        Trainer(load_config(None, _args(data, str(tmp_path / "out"))))
