@@ -1,5 +1,8 @@
 """Media files of multimodal records: images (Pillow) and WAV audio, as tensors.
 
+Encoders read their items with a ``load_item(path)`` method; these are the
+readers of the built-in ones.
+
 A record ``{"text": "a <image> of a digit", "media": {"image": ["digit.png"]}}``
 puts each item where its ``<modality>`` marker is; paths are relative to the
 data file. A missing or unreadable file is an error naming the file and record.
@@ -40,11 +43,9 @@ def load_wav(path: str, sample_rate: int) -> torch.Tensor:
 
 
 def load_item(encoder, base_dir: str, path: str) -> torch.Tensor:
-    """Load one media file the way ``encoder`` (vision or audio) expects it."""
+    """Load one media file with the encoder's own ``load_item(path)``."""
     full = os.path.join(base_dir, path)
     try:
-        if hasattr(encoder, "patch"):
-            return load_image(full, encoder.channels, encoder.patch)
-        return load_wav(full, encoder.sample_rate)
+        return encoder.load_item(full)
     except (OSError, ValueError, EOFError, wave.Error) as error:
         raise ValueError(f"{full}: cannot read ({error})") from None

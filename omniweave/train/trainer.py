@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -95,6 +96,8 @@ class Trainer:
         omni = cfg.model.omni
         encoders = None
         if omni:  # on the meta device: only their token counts and input formats are needed
+            for module in omni.get("plugins", []):  # modules that register encoder classes
+                importlib.import_module(module)
             with torch.device("meta"):
                 hidden = hf_config.get_text_config().hidden_size
                 encoders = build_encoders(hidden, omni["encoders"])

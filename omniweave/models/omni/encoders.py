@@ -5,7 +5,8 @@ The contract an encoder meets (see ``OmniModel``):
   micro-batch, in order, to be scattered into the placeholder positions;
 - ``num_tokens(item) -> int``: how many placeholders an item takes in the text;
 - ``dummy_item()``: a tiny input for ranks whose micro-batch has none, so the
-  encoder still runs forward and backward and every collective stays matched.
+  encoder still runs forward and backward and every collective stays matched;
+- ``load_item(path)`` (for training from files): one item read from a media file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from omniweave.data.media import load_image, load_wav
 
 
 class _Blocks(nn.Module):
@@ -58,6 +61,9 @@ class VisionEncoder(nn.Module):
 
     def dummy_item(self) -> torch.Tensor:
         return torch.zeros(self.channels, self.patch, self.patch)
+
+    def load_item(self, path: str) -> torch.Tensor:
+        return load_image(path, self.channels, self.patch)
 
     def lm_encode(self, images: list[torch.Tensor]) -> torch.Tensor:
         sequences = []
@@ -117,6 +123,9 @@ class AudioEncoder(nn.Module):
 
     def dummy_item(self) -> torch.Tensor:
         return torch.zeros(self.n_fft)
+
+    def load_item(self, path: str) -> torch.Tensor:
+        return load_wav(path, self.sample_rate)
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         window = torch.hann_window(self.n_fft, device=waveform.device)
