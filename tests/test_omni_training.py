@@ -13,11 +13,26 @@ from tests.distributed import run_distributed
 from tests.models import TINY
 from tests.test_parity import _train_runs
 
-IMAGE, AUDIO = 512, 513  # past the 512-token BPE's ids
+IMAGE, AUDIO, VIDEO = 512, 513, 514  # past the 512-token BPE's ids
 ENCODERS = {
     "image": {"type": "vision", "placeholder": IMAGE, "width": 32, "heads": 2, "patch": 4},
     "audio": {"type": "audio", "placeholder": AUDIO, "width": 32, "heads": 2, "n_mels": 16},
+    "video": {"type": "video", "placeholder": VIDEO, "width": 32, "heads": 2, "patch": 4},
 }
+
+
+def _write_clip(root, rng) -> str:
+    """An animated GIF: a bright square sliding across 4-6 frames."""
+    from PIL import Image
+
+    clip = root / f"clip{rng.integers(1e9)}.gif"
+    frames = []
+    for t in range(rng.integers(4, 7)):
+        array = np.zeros((8, 12), dtype=np.uint8)
+        array[2:6, t : t + 4] = 255
+        frames.append(Image.fromarray(array))
+    frames[0].save(clip, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return clip.name
 
 
 def _write_media(root, rng) -> tuple[str, str]:
@@ -50,6 +65,9 @@ def omni_data(tmp_path_factory, corpus):
         elif kind == 2:
             media = {"image": [image], "audio": [audio]}
             records.append({"text": f"<audio> {text} <image>", "media": media})
+        elif index % 8 == 3:
+            media = {"video": [_write_clip(root, rng)]}
+            records.append({"text": f"<video> {text}", "media": media})
         else:
             records.append({"text": text})
     data = root / "train.jsonl"

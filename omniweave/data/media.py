@@ -1,4 +1,4 @@
-"""Media files of multimodal records: images (Pillow) and WAV audio, as tensors.
+"""Media files of multimodal records: images and clips (Pillow) and WAV audio, as tensors.
 
 Encoders read their items with a ``load_item(path)`` method; these are the
 readers of the built-in ones.
@@ -23,11 +23,28 @@ def load_image(path: str, channels: int, patch: int) -> torch.Tensor:
 
     with Image.open(path) as image:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    tensor = torch.from_numpy(_crop(array, patch) / 255.0)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_frames(path: str, channels: int, patch: int) -> torch.Tensor:
+    """``[frames, channels, H, W]`` of an animated image (GIF, APNG, WebP) in [0, 1]."""
+    from PIL import Image, ImageSequence
+
+    frames = []
+    with Image.open(path) as clip:
+        for frame in ImageSequence.Iterator(clip):
+            array = np.asarray(frame.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+            frames.append(_crop(array, patch))
+    tensor = torch.from_numpy(np.stack(frames) / 255.0)
+    return tensor.unsqueeze(1) if channels == 1 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
+def _crop(array: np.ndarray, patch: int) -> np.ndarray:
     array = array[: array.shape[0] // patch * patch, : array.shape[1] // patch * patch]
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"image smaller than one {patch}x{patch} patch")
-    tensor = torch.from_numpy(array / 255.0)
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    return array
 
 
 def load_wav(path: str, sample_rate: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniweave.data.media import load_image, load_wav
+from omniweave.data.media import load_frames, load_image, load_wav
 
 
 class _Blocks(nn.Module):
@@ -76,6 +76,49 @@ class VisionEncoder(nn.Module):
             cols = torch.arange(w // p, device=device)[None, :].expand(h // p, w // p)
             x = self.embed(patches.reshape((h // p) * (w // p), -1))
             sequences.append(x + self.rows(rows.flatten()) + self.cols(cols.flatten()))
+        return self.project(self.blocks(sequences))
+
+
+class VideoEncoder(VisionEncoder):
+    """Clips ``[frames, channels, H, W]``: tubelets of ``frames_per_patch`` frames x patch x
+    patch (temporal patching), with time/row/column embeddings; frames are cut to a
+    multiple of ``frames_per_patch``."""
+
+    def __init__(self, lm_hidden: int, frames_per_patch: int = 2, max_time: int = 64, **options):
+        channels = options.get("channels", 1)
+        patch = options.get("patch", 4)
+        super().__init__(lm_hidden, **options)
+        self.frames_per_patch = frames_per_patch
+        self.embed = nn.Linear(
+            frames_per_patch * channels * patch * patch, self.rows.weight.shape[1]
+        )
+        self.time = nn.Embedding(max_time, self.rows.weight.shape[1])
+
+    def num_tokens(self, clip: torch.Tensor) -> int:
+        return (clip.shape[0] // self.frames_per_patch) * super().num_tokens(clip[0])
+
+    def dummy_item(self) -> torch.Tensor:
+        return torch.zeros(self.frames_per_patch, self.channels, self.patch, self.patch)
+
+    def load_item(self, path: str) -> torch.Tensor:
+        return load_frames(path, self.channels, self.patch)
+
+    def lm_encode(self, clips: list[torch.Tensor]) -> torch.Tensor:
+        sequences = []
+        device = self.embed.weight.device
+        f, p = self.frames_per_patch, self.patch
+        for clip in clips:
+            t, c, h, w = clip.shape
+            t, rows, cols = t // f, h // p, w // p
+            tubes = clip[: t * f].to(device).reshape(t, f, c, rows, p, cols, p)
+            tubes = tubes.permute(0, 3, 5, 1, 2, 4, 6).reshape(t * rows * cols, -1)
+            grid = torch.stack(
+                torch.meshgrid(
+                    *(torch.arange(n, device=device) for n in (t, rows, cols)), indexing="ij"
+                )
+            ).reshape(3, -1)
+            x = self.embed(tubes) + self.time(grid[0]) + self.rows(grid[1]) + self.cols(grid[2])
+            sequences.append(x)
         return self.project(self.blocks(sequences))
 
 
@@ -144,7 +187,11 @@ class AudioEncoder(nn.Module):
         return self.project(self.blocks(sequences))
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"vision": VisionEncoder, "audio": AudioEncoder}
+ENCODERS: dict[str, type[nn.Module]] = {
+    "vision": VisionEncoder,
+    "video": VideoEncoder,
+    "audio": AudioEncoder,
+}
 
 
 def register_encoder(name: str, encoder_class: type[nn.Module]) -> None:
