@@ -49,6 +49,7 @@ class DataConfig:
     budget_counts: str = _opt("tokens", choices=("tokens", "labels"))  # what the budget counts
     shuffle: bool = True
     on_overlong: str = _opt("truncate", choices=("truncate", "drop", "error"))
+    on_bad_sample: str = _opt("error", choices=("error", "skip"))  # malformed record / media
 
 
 @dataclass

@@ -10,17 +10,17 @@ from omniweave.data.processors import load_tokenizer
 
 def test_overlong_policies_are_counted(corpus):
     tokenizer = load_tokenizer(corpus["tokenizer_path"])
-    full, counts = load_samples(corpus["train_path"], tokenizer, 10_000, "error")
-    assert counts == {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
+    full, counts, _ = load_samples(corpus["train_path"], tokenizer, 10_000, "error")
+    assert counts == {"truncated": 0, "dropped_overlong": 0, "no_labels": 0, "skipped_bad": 0}
     longest = max(len(s.input_ids) for s in full)
     limit = longest // 2
     overlong = sum(len(s.input_ids) > limit for s in full)
-    truncated, counts = load_samples(corpus["train_path"], tokenizer, limit, "truncate")
+    truncated, counts, _ = load_samples(corpus["train_path"], tokenizer, limit, "truncate")
     assert counts["truncated"] == overlong and len(truncated) == len(full)
     assert max(len(s.input_ids) for s in truncated) == limit
-    kept, counts = load_samples(corpus["train_path"], tokenizer, limit, "drop")
+    kept, counts, _ = load_samples(corpus["train_path"], tokenizer, limit, "drop")
     assert counts["dropped_overlong"] == overlong and len(kept) == len(full) - overlong
-    with pytest.raises(ValueError, match="record .* is longer than data.max_seq_len"):
+    with pytest.raises(ValueError, match="line .* longer than data.max_seq_len"):
         load_samples(corpus["train_path"], tokenizer, limit, "error")
 
 

@@ -122,5 +122,20 @@ def test_missing_media_file_names_file_and_record(omni_data, tmp_path):
     text[2] = json.dumps({"text": "<image> gone", "media": {"image": ["missing.png"]}})
     bad.write_text("\n".join(text) + "\n")
     data = {**omni_data, "train_path": str(bad)}
-    with pytest.raises(ValueError, match=r"record 3: .*missing.png: cannot read"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 3: .*missing.png: cannot read"):
         Trainer(load_config(None, _args(data, str(tmp_path / "out"))))
+
+
+def test_bad_samples_are_skipped_and_counted_when_asked(omni_data, tmp_path):
+    lines = (omni_data["root"] / "train.jsonl").read_text().splitlines()
+    lines[1] = '{"text": "unterminated'  # malformed JSON
+    lines[4] = json.dumps({"messages": "not a list"})  # a record of the wrong shape
+    lines[6] = json.dumps({"text": "<image> gone", "media": {"image": ["missing.png"]}})
+    bad = omni_data["root"] / "bad_skip.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    data = {**omni_data, "train_path": str(bad)}
+    out = tmp_path / "skip"
+    args = _args(data, str(out), **{"data.on_bad_sample": "skip", "train.max_steps": 2})
+    run_distributed(_train_runs, 1, [("skip", args)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["samples_skipped_bad"] for row in rows] == [3, 3]

@@ -199,7 +199,7 @@ def test_ranks_hold_unequal_token_counts(corpus):
     """The parity data really gives data-parallel ranks different numbers of tokens."""
     from omniweave.data.loader import GlobalBatchSampler, load_samples
 
-    samples, _ = load_samples(
+    samples, _, _ = load_samples(
         corpus["train_path"], load_tokenizer(corpus["tokenizer_path"]), MAX_LEN, "truncate"
     )
     counts = []

@@ -104,7 +104,7 @@ def test_overlong_samples_are_counted_in_metrics(curves, corpus):
     from omniweave.data.processors import load_tokenizer
 
     tokenizer = load_tokenizer(corpus["tokenizer_path"])
-    _, counts = load_samples(corpus["train_path"], tokenizer, 16, "truncate")
+    _, counts, _ = load_samples(corpus["train_path"], tokenizer, 16, "truncate")
     assert counts["truncated"] > 0
 
     def rows(name):

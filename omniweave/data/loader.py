@@ -15,7 +15,7 @@ import torch
 
 from omniweave.data.packing import MicroBatch, budget_micro_batches, empty_batch, pack_row, pad_rows
 from omniweave.data.processors import IGNORE_INDEX, tokenize_multimodal, tokenize_record
-from omniweave.data.records import read_records
+from omniweave.data.records import located_records
 
 
 @dataclass
@@ -26,33 +26,39 @@ class Sample:
 
 
 def load_samples(
-    path: str, tokenizer, max_seq_len: int, on_overlong: str, omni=None
-) -> tuple[list[Sample], dict[str, int]]:
+    path: str, tokenizer, max_seq_len: int, on_overlong: str, omni=None, skip_bad: bool = False
+) -> tuple[list[Sample], dict[str, int], list[str]]:
     """Read and tokenize every record; apply the over-long policy (truncate, drop, error).
 
     ``omni`` (an OmniModel's encoders and placeholder ids) enables media records; a
     multimodal sample is truncated only where no placeholder is lost, else dropped.
-    Returns the samples and the counts of what was changed or left out, for reporting:
-    ``truncated``, ``dropped_overlong`` and ``no_labels`` (nothing left to learn from).
+    ``skip_bad`` leaves out malformed records and unreadable media instead of failing.
+    Returns the samples, the counts of what was changed or left out (``truncated``,
+    ``dropped_overlong``, ``no_labels``: nothing left to learn from, ``skipped_bad``)
+    and the reason of each skip (file, line and why).
     """
     samples = []
-    counts = {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
+    records, skipped = located_records(path, skip_bad)
     base_dir = os.path.dirname(os.path.abspath(path))
-    for number, record in enumerate(read_records(path), start=1):
-        if record.get("media") and omni is None:
-            raise ValueError(f"{path}: record {number} has media but the model has no encoders.")
+    counts = {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
+    for where, record in records:
         try:
+            if record.get("media") and omni is None:
+                raise ValueError("has media but the model has no encoders (model.omni)")
             if omni is not None and record.get("text") is not None:
                 tokens = tokenize_multimodal(record, tokenizer, *omni, base_dir)
             else:
                 tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
         except ValueError as error:
-            raise ValueError(f"{path}: record {number}: {error}") from None
+            if not skip_bad:
+                raise ValueError(f"{path}, {where}: {error}") from None
+            skipped.append(f"{path}, {where}: {error}")
+            continue
         media = tokens.pop("media", None)
         if len(tokens["input_ids"]) > max_seq_len:
             if on_overlong == "error":
                 raise ValueError(
-                    f"{path}: record {number} is longer than data.max_seq_len={max_seq_len} "
+                    f"{path}, {where}: longer than data.max_seq_len={max_seq_len} "
                     "tokens; raise max_seq_len or set data.on_overlong to truncate or drop."
                 )
             cut = {key: value[:max_seq_len] for key, value in tokens.items()}
@@ -68,7 +74,8 @@ def load_samples(
             samples.append(Sample(tokens["input_ids"], tokens["labels"], media))
         else:
             counts["no_labels"] += 1
-    return samples, counts
+    counts["skipped_bad"] = len(skipped)
+    return samples, counts, skipped
 
 
 class GlobalBatchSampler:

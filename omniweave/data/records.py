@@ -14,6 +14,12 @@ ROLES = ("system", "user", "assistant")
 
 def read_records(path: str) -> list[dict]:
     """Read and validate the records of a ``.jsonl`` or ``.parquet`` file."""
+    return [record for _, record in located_records(path)[0]]
+
+
+def located_records(path: str, skip_bad: bool = False) -> tuple[list[tuple[str, dict]], list[str]]:
+    """``("line N" | "row N", record)`` for each valid record, and, under ``skip_bad``, the
+    reasons of the records left out (otherwise the first bad one is a ValueError)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: file not found")
     ext = os.path.splitext(path)[1].lower()
@@ -21,19 +27,22 @@ def read_records(path: str) -> list[dict]:
         rows = _read_jsonl(path)
         where = "line"
     elif ext == ".parquet":
-        rows = list(enumerate(_read_parquet(path), start=1))
+        rows = [(number, row, None) for number, row in enumerate(_read_parquet(path), start=1)]
         where = "row"
     else:
         raise ValueError(f"{path}: unknown extension {ext!r} (expected .jsonl or .parquet)")
-    records = []
-    for number, record in rows:
-        reason = validate_record(record)
-        if reason:
+    records, skipped = [], []
+    for number, record, problem in rows:
+        reason = problem or validate_record(record)
+        if reason and not skip_bad:
             raise ValueError(f"{path}, {where} {number}: {reason}")
-        records.append(record)
+        if reason:
+            skipped.append(f"{path}, {where} {number}: {reason}")
+        else:
+            records.append((f"{where} {number}", record))
     if not records:
         raise ValueError(f"{path}: no records")
-    return records
+    return records, skipped
 
 
 def validate_record(record: Any) -> str | None:
@@ -85,20 +94,22 @@ def _validate_messages(messages: Any) -> str | None:
     return None
 
 
-def _read_jsonl(path: str) -> list[tuple[int, Any]]:
+def _read_jsonl(path: str) -> list[tuple[int, Any, str | None]]:
+    """(line number, parsed object, why it could not be parsed) per non-blank line."""
     rows = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ValueError(f"{path}, line {number}: not valid UTF-8") from None
+                rows.append((number, None, "not valid UTF-8"))
+                continue
             if not line.strip():
                 continue
             try:
-                rows.append((number, json.loads(line)))
+                rows.append((number, json.loads(line), None))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: invalid JSON ({e.msg})") from None
+                rows.append((number, None, f"invalid JSON ({e.msg})"))
     return rows
 
 

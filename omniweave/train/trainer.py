@@ -101,12 +101,13 @@ class Trainer:
             with torch.device("meta"):
                 hidden = hf_config.get_text_config().hidden_size
                 encoders = build_encoders(hidden, omni["encoders"])
-        self.samples, self.sample_counts = load_samples(
+        self.samples, self.sample_counts, self.skipped = load_samples(
             cfg.data.train_path,
             self.tokenizer,
             cfg.data.max_seq_len,
             cfg.data.on_overlong,
             encoders,
+            cfg.data.on_bad_sample == "skip",
         )
         t, d = cfg.train, cfg.data
         sampler = GlobalBatchSampler(
@@ -271,6 +272,10 @@ class Trainer:
                 print(
                     f"omniweave: samples {changed} (data.max_seq_len={self.cfg.data.max_seq_len})"
                 )
+            for reason in self.skipped[:5]:
+                print(f"  skipped: {reason}")
+            if len(self.skipped) > 5:
+                print(f"  ... and {len(self.skipped) - 5} more skipped samples")
         bar = tqdm(
             total=t.max_steps,
             disable=not (self.is_main and self.cfg.log.progress),
@@ -299,6 +304,7 @@ class Trainer:
                     "non_padding": result["non_padding"],
                     "samples_truncated": self.sample_counts["truncated"],
                     "samples_dropped": self.sample_counts["dropped_overlong"],
+                    "samples_skipped_bad": self.sample_counts["skipped_bad"],
                 }
                 row.update(
                     (key, result[key])
