@@ -191,12 +191,16 @@ class Trainer:
             token_loss, router_logits = self._token_loss(batch)
             loss = token_loss * scale
             if router_logits is not None:
-                aux, counts = self.router_loss(router_logits, self._local(batch.real).flatten())
+                aux, expert_tokens = self.router_loss(
+                    router_logits, self._local(batch.real).flatten()
+                )
                 # Every rank holds the same aux value; its gradient reaches each rank's tokens
                 # through the gather, summed over ranks, which the gradient average undoes.
                 loss = loss + self.router_loss.coefficient * aux / len(batches)
                 aux_sum += float(aux.detach()) / len(batches)
-                expert_counts = counts if expert_counts is None else expert_counts + counts
+                expert_counts = (
+                    expert_tokens if expert_counts is None else expert_counts + expert_tokens
+                )
             loss.backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
