@@ -8,12 +8,14 @@ import wave
 
 import numpy as np
 import pytest
+import torch
 
 from tests.distributed import run_distributed
 from tests.models import TINY
 from tests.test_parity import _train_runs
 
 IMAGE, AUDIO, VIDEO = 512, 513, 514  # past the 512-token BPE's ids
+CODES, CODEBOOK = 520, 16  # the image decoder's tokens: ids 520..535
 ENCODERS = {
     "image": {"type": "vision", "placeholder": IMAGE, "width": 32, "heads": 2, "patch": 4},
     "audio": {"type": "audio", "placeholder": AUDIO, "width": 32, "heads": 2, "n_mels": 16},
@@ -70,6 +72,23 @@ def omni_data(tmp_path_factory, corpus):
             records.append({"text": f"<video> {text}", "media": media})
         else:
             records.append({"text": text})
+    from PIL import Image
+
+    from omniweave.models.omni.vq import save_vq, train_vq
+
+    squares = np.zeros((64, 1, 8, 8), dtype=np.float32)
+    for index, square in enumerate(squares):  # a 4x4 square at one of 25 places
+        square[0, index % 5 : index % 5 + 4, index // 13 : index // 13 + 4] = 1.0
+    vq, _ = train_vq(torch.from_numpy(squares), steps=60, codebook_size=CODEBOOK, code_dim=8)
+    save_vq(vq, str(root / "vq.pt"))
+    merged = []
+    for index, record in enumerate(records):  # every 4th record: text-to-image
+        merged.append(record)
+        if index % 3 == 2:
+            name = f"square{index}.png"
+            Image.fromarray((squares[index, 0] * 255).astype(np.uint8)).save(root / name)
+            merged.append({"text": f"draw {index % 5} <draw>", "media": {"draw": [name]}})
+    records = merged
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"train_path": str(data), "tokenizer_path": corpus["tokenizer_path"], "root": root}
@@ -77,8 +96,17 @@ def omni_data(tmp_path_factory, corpus):
 
 def _args(data: dict, out: str, **extra) -> list[str]:
     settings = {
-        "model.config": {**TINY["qwen2"], "vocab_size": 520},
-        "model.omni": {"encoders": ENCODERS},
+        "model.config": {**TINY["qwen2"], "vocab_size": CODES + CODEBOOK},
+        "model.omni": {
+            "encoders": ENCODERS,
+            "decoders": {
+                "draw": {
+                    "type": "image",
+                    "tokenizer_path": str(data["root"] / "vq.pt"),
+                    "code_offset": CODES,
+                }
+            },
+        },
         "data.train_path": data["train_path"],
         "data.tokenizer_path": data["tokenizer_path"],
         "data.max_seq_len": 256,
@@ -106,6 +134,10 @@ def test_omni_training_matches_across_layouts(omni_data, tmp_path):
     assert all(r == four[0] for r in four)
     reference, sharded = one[0]["1 process"], four[0]["2x2"]
     assert reference[-1][0] < reference[0][0]  # it learns
+    rows = [
+        json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(row["loss_draw"] > 0 and row["loss_text"] > 0 for row in rows)
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(
         zip(sharded, reference, strict=True)
     ):
@@ -139,3 +171,18 @@ def test_bad_samples_are_skipped_and_counted_when_asked(omni_data, tmp_path):
     run_distributed(_train_runs, 1, [("skip", args)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["samples_skipped_bad"] for row in rows] == [3, 3]
+
+
+def _generate(data: dict, out: str) -> list:
+    from omniweave.config import load_config
+    from omniweave.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, _args(data, out, **{"train.max_steps": 1})))
+    trainer.run()
+    decoder = trainer.omni_parts.decoders["draw"]
+    prompt = trainer.tokenizer("draw 3 ", add_special_tokens=False)["input_ids"]
+    return list(decoder.lm_generate(trainer.model, prompt).shape)
+
+
+def test_image_decoder_generates_an_image(omni_data, tmp_path):
+    assert run_distributed(_generate, 1, omni_data, str(tmp_path / "gen"))[0] == [1, 8, 8]

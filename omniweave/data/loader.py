@@ -30,7 +30,7 @@ def load_samples(
 ) -> tuple[list[Sample], dict[str, int], list[str]]:
     """Read and tokenize every record; apply the over-long policy (truncate, drop, error).
 
-    ``omni`` (an OmniModel's encoders and placeholder ids) enables media records; a
+    ``omni`` (an OmniModel's ``OmniParts``) enables media records; a
     multimodal sample is truncated only where no placeholder is lost, else dropped.
     ``skip_bad`` leaves out malformed records and unreadable media instead of failing.
     Returns the samples, the counts of what was changed or left out (``truncated``,
@@ -46,7 +46,7 @@ def load_samples(
             if record.get("media") and omni is None:
                 raise ValueError("has media but the model has no encoders (model.omni)")
             if omni is not None and record.get("text") is not None:
-                tokens = tokenize_multimodal(record, tokenizer, *omni, base_dir)
+                tokens = tokenize_multimodal(record, tokenizer, omni, base_dir)
             else:
                 tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
         except ValueError as error:
@@ -63,7 +63,7 @@ def load_samples(
                 )
             cut = {key: value[:max_seq_len] for key, value in tokens.items()}
             lost = omni is not None and any(
-                tokens["input_ids"][max_seq_len:].count(mark) for mark in omni[1].values()
+                tokens["input_ids"][max_seq_len:].count(mark) for mark in omni.placeholders.values()
             )
             if on_overlong == "drop" or lost:
                 counts["dropped_overlong"] += 1

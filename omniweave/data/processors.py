@@ -78,32 +78,40 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     )
 
 
-def tokenize_multimodal(
-    record: dict, tokenizer, encoders: dict, placeholders: dict[str, int], base_dir: str
-) -> dict:
-    """A text record with ``<modality>`` markers: each marker becomes ``num_tokens(item)``
-    placeholder ids (never labels); returns ``input_ids``, ``labels`` and ``media`` tensors."""
+def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
+    """A text record with ``<modality>`` markers (``omni``: an ``OmniParts``). An encoder's
+    marker becomes ``num_tokens(item)`` placeholder ids (never labels); a decoder's marker
+    becomes the item's own tokens (``lm_encode``), which are labels. Returns ``input_ids``,
+    ``labels`` and the encoders' ``media`` tensors."""
     from omniweave.data.media import load_item
 
+    parts = {**omni.encoders, **omni.decoders}
     paths = record.get("media") or {}
-    unknown = sorted(set(paths) - set(encoders))
+    unknown = sorted(set(paths) - set(parts))
     if unknown:
-        raise ValueError(f"media of unknown modality {unknown}; the model has {sorted(encoders)}")
-    media = {m: [load_item(encoders[m], base_dir, p) for p in paths.get(m, [])] for m in encoders}
-    pieces = re.split("<(" + "|".join(map(re.escape, encoders)) + ")>", record["text"])
-    ids, used = [], dict.fromkeys(encoders, 0)
+        raise ValueError(f"media of unknown modality {unknown}; the model has {sorted(parts)}")
+    items = {m: [load_item(parts[m], base_dir, p) for p in paths.get(m, [])] for m in parts}
+    pieces = re.split("<(" + "|".join(map(re.escape, parts)) + ")>", record["text"])
+    ids, labels, used = [], [], dict.fromkeys(parts, 0)
     for index, piece in enumerate(pieces):
         if index % 2 == 0:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            text = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids, labels = ids + text, labels + text
             continue
-        if used[piece] == len(media[piece]):
-            raise ValueError(f"more <{piece}> markers than media files ({len(media[piece])})")
-        ids += [placeholders[piece]] * encoders[piece].num_tokens(media[piece][used[piece]])
+        if used[piece] == len(items[piece]):
+            raise ValueError(f"more <{piece}> markers than media files ({len(items[piece])})")
+        item = items[piece][used[piece]]
         used[piece] += 1
-    unused = [m for m in encoders if used[m] != len(media[m])]
+        if piece in omni.decoders:
+            tokens = omni.decoders[piece].lm_encode([item])[0]
+            ids, labels = ids + tokens, labels + tokens
+        else:
+            count = omni.encoders[piece].num_tokens(item)
+            ids += [omni.placeholders[piece]] * count
+            labels += [IGNORE_INDEX] * count
+    unused = [m for m in parts if used[m] != len(items[m])]
     if unused:
         raise ValueError(f"media without a <marker> in the text: {unused}")
-    ids.append(tokenizer.eos_token_id)
-    marks = set(placeholders.values())
-    labels = [IGNORE_INDEX if i in marks else i for i in ids]
+    ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    media = {m: items[m] for m in omni.encoders}
     return {"input_ids": ids, "labels": labels, "media": media}

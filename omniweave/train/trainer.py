@@ -34,7 +34,7 @@ from omniweave.distributed.ulysses import (
     split_sequence_inputs,
 )
 from omniweave.models.loader import build_model, load_hf_config
-from omniweave.models.omni.model import build_encoders
+from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
 from omniweave.ops.attention import check_backend
 from omniweave.train.metrics import (
     MetricsWriter,
@@ -94,19 +94,27 @@ class Trainer:
             quiet_this_rank()
         seed_everything(cfg.train.seed)
         omni = cfg.model.omni
-        encoders = None
-        if omni:  # on the meta device: only their token counts and input formats are needed
+        self.omni_parts = None
+        if omni:
             for module in omni.get("plugins", []):  # modules that register encoder classes
                 importlib.import_module(module)
-            with torch.device("meta"):
-                hidden = hf_config.get_text_config().hidden_size
-                encoders = build_encoders(hidden, omni["encoders"])
+            text_config = hf_config.get_text_config()
+            with torch.device("meta"):  # encoders: only token counts and file formats needed
+                encoders = build_encoders(text_config.hidden_size, omni["encoders"])
+            decoders = build_decoders(
+                text_config.hidden_size, text_config.vocab_size, omni.get("decoders", {})
+            )
+            self.omni_parts = OmniParts(*encoders, decoders)
+        self.output_ranges = {
+            modality: decoder.token_range
+            for modality, decoder in (self.omni_parts.decoders if omni else {}).items()
+        }
         self.samples, self.sample_counts, self.skipped = load_samples(
             cfg.data.train_path,
             self.tokenizer,
             cfg.data.max_seq_len,
             cfg.data.on_overlong,
-            encoders,
+            self.omni_parts,
             cfg.data.on_bad_sample == "skip",
         )
         t, d = cfg.train, cfg.data
@@ -174,22 +182,31 @@ class Trainer:
                 sum(lengths),
                 sum(n * n for n in lengths),
                 sum(batch.input_ids.numel() for batch in batches),
+                *(
+                    sum(int(self._in_range(batch.targets, modality).sum()) for batch in batches)
+                    for modality in self.output_ranges
+                ),
             ],
             dtype=torch.float64,
             device=device,
         )
         dist.all_reduce(counts, group=self.state.dp_mesh.get_group())
-        label_tokens, input_tokens, squared_lengths, row_tokens = counts.tolist()
+        label_tokens, input_tokens, squared_lengths, row_tokens, *output_tokens = counts.tolist()
         # Gradients are averaged over all ranks (data- and sequence-parallel): scale so the
         # result is the sum of token losses over the global batch / its number of label tokens.
         scale = self.state.degrees.dp * self.state.degrees.sp / label_tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        output_sums = torch.zeros(len(self.output_ranges), dtype=torch.float64, device=device)
         aux_sum, expert_counts = 0.0, None
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
-            token_loss, router_logits = self._token_loss(batch)
+            token_losses, targets, router_logits = self._token_loss(batch)
+            token_loss = token_losses.sum()
             loss = token_loss * scale
+            for slot, modality in enumerate(self.output_ranges):
+                in_range = self._in_range(targets, modality)
+                output_sums[slot] += token_losses.detach()[in_range].sum()
             if router_logits is not None:
                 aux, expert_tokens = self.router_loss(
                     router_logits, self._local(batch.real).flatten()
@@ -209,6 +226,17 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
+        per_modality = {}
+        if self.output_ranges:  # text and each output modality's own token-mean loss
+            dist.all_reduce(output_sums, group=self.state.loss_mesh.get_group())
+            text_tokens = label_tokens - sum(output_tokens)
+            per_modality["loss_text"] = (float(loss_sum) - float(output_sums.sum())) / max(
+                text_tokens, 1
+            )
+            for modality, total, tokens in zip(
+                self.output_ranges, output_sums.tolist(), output_tokens, strict=True
+            ):
+                per_modality[f"loss_{modality}"] = total / tokens if tokens else None
         flops = self.dense_flops * input_tokens + self.attention_flops * squared_lengths
         moe = {}
         if expert_counts is not None:
@@ -220,6 +248,7 @@ class Trainer:
         coefficient = self.router_loss.coefficient if moe else 0.0
         return {
             **moe,
+            **per_modality,
             "loss": float(loss_sum) / label_tokens + coefficient * aux_sum,
             "grad_norm": float(grad_norm),
             "lr": lr,
@@ -232,9 +261,13 @@ class Trainer:
         """This rank's slice of a full-sequence tensor (the sequence dim is last)."""
         return t.chunk(self.state.degrees.sp, dim=-1)[self.state.sp_rank].to(self.state.device)
 
-    def _token_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, tuple | None]:
-        """Summed cross-entropy of this rank's slice of the micro-batch, and the router
-        logits of MoE models."""
+    def _in_range(self, targets: torch.Tensor, modality: str) -> torch.Tensor:
+        low, high = self.output_ranges[modality]
+        return (targets >= low) & (targets < high)
+
+    def _token_loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Per-token cross-entropy of this rank's slice of the micro-batch (0 where there is
+        no target), the slice's targets, and the router logits of MoE models."""
         extra = {} if batch.cu_seqlens is None else {"cu_seq_lens_q": batch.cu_seqlens}
         if self.router_loss is not None:
             extra["output_router_logits"] = True
@@ -251,13 +284,15 @@ class Trainer:
                 "media": batch.media,
             }
         outputs = self.model(**inputs, use_cache=False, **extra)
-        token_loss = F.cross_entropy(
+        targets = self._local(batch.targets).flatten()
+        token_losses = F.cross_entropy(
             outputs.logits.float().flatten(0, 1),
-            self._local(batch.targets).flatten(),
+            targets,
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            reduction="none",
         )
-        return token_loss, outputs.router_logits if self.router_loss is not None else None
+        router_logits = outputs.router_logits if self.router_loss is not None else None
+        return token_losses, targets, router_logits
 
     def run(self) -> list[dict]:
         """Train to ``train.max_steps``; rank 0 writes the outputs. Returns the logged rows."""
@@ -311,9 +346,9 @@ class Trainer:
                     "samples_skipped_bad": self.sample_counts["skipped_bad"],
                 }
                 row.update(
-                    (key, result[key])
-                    for key in ("aux_loss", "expert_load_max_over_mean")
-                    if key in result
+                    (key, value)
+                    for key, value in result.items()
+                    if key.startswith("loss_") or key in ("aux_loss", "expert_load_max_over_mean")
                 )
                 rows.append(row)
                 if self.cfg.log.all_ranks and not self.is_main:

@@ -9,12 +9,46 @@ sequence and the decoder stack receives only this rank's slice
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
+from omniweave.models.omni.decoders import DECODERS
 from omniweave.models.omni.encoders import ENCODERS
 
 ENCODER_UNITS = ("encoders.*.blocks.layers.*", "encoders.*")  # FSDP units (globs)
+
+
+@dataclass
+class OmniParts:
+    """What data loading needs of an OmniModel config: encoders (for token counts and file
+    formats), their placeholder ids, and the output decoders (which tokenize targets)."""
+
+    encoders: dict[str, nn.Module]
+    placeholders: dict[str, int]
+    decoders: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def build_decoders(lm_hidden: int, vocab_size: int, decoders: dict[str, dict]) -> dict:
+    """``decoders``: modality -> {"type": image, **options}; tokens must fit the vocabulary."""
+    built = {}
+    for modality, options in decoders.items():
+        options = dict(options)
+        kind = options.pop("type", None)
+        if kind not in DECODERS:
+            raise ValueError(
+                f"model.omni.decoders.{modality}: unknown type {kind!r}; "
+                f"choose one of {', '.join(sorted(DECODERS))}."
+            )
+        built[modality] = DECODERS[kind](lm_hidden, **options)
+        high = built[modality].token_range[1]
+        if high > vocab_size:
+            raise ValueError(
+                f"model.omni.decoders.{modality} uses token ids up to {high - 1}, beyond the "
+                f"model's vocabulary of {vocab_size}; raise vocab_size or lower code_offset."
+            )
+    return built
 
 
 def build_encoders(

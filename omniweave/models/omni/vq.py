@@ -25,7 +25,12 @@ class VQTokenizer(nn.Module):
         commitment: float = 0.25,
     ):
         super().__init__()
+        self.options = dict(
+            channels=channels, width=width, codebook_size=codebook_size, code_dim=code_dim,
+            downsample=downsample, commitment=commitment,
+        )  # fmt: skip
         self.codebook_size, self.commitment = codebook_size, commitment
+        self.scale = 2**downsample  # pixels per code along each side
         down = [nn.Conv2d(channels, width, 3, padding=1), nn.GELU()]
         up = [nn.Conv2d(code_dim, width, 3, padding=1), nn.GELU()]
         for _ in range(downsample):
@@ -99,3 +104,15 @@ def _reseed_dead_codes(model: VQTokenizer, batch: torch.Tensor, generator) -> No
     if len(dead):
         picks = torch.randint(len(flat), (len(dead),), generator=generator)
         model.codebook.weight[dead] = flat[picks]
+
+
+def save_vq(model: VQTokenizer, path: str) -> None:
+    torch.save({"options": model.options, "state": model.state_dict()}, path)
+
+
+def load_vq(path: str) -> VQTokenizer:
+    """A tokenizer saved by ``save_vq``, frozen, in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = VQTokenizer(**saved["options"])
+    model.load_state_dict(saved["state"])
+    return model.requires_grad_(False).eval()
