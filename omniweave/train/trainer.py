@@ -104,6 +104,12 @@ class Trainer:
             decoders = build_decoders(
                 text_config.hidden_size, text_config.vocab_size, omni.get("decoders", {})
             )
+            shared = sorted(set(decoders) & set(encoders[0]))
+            if shared:
+                raise ValueError(
+                    f"model.omni: {shared} name both an encoder and a decoder; their <markers> "
+                    "must differ (e.g. 'image' in, 'draw' out)."
+                )
             self.omni_parts = OmniParts(*encoders, decoders)
         self.output_ranges = {
             modality: decoder.token_range
