@@ -31,3 +31,24 @@ def test_vq_tokenizer_round_trip():
         error = (model.decode(codes) - images[:16]).abs().mean()
         baseline = (images[:16] - images[:16].mean()).abs().mean()  # predicting the mean
     assert error < 0.5 * baseline, (float(error), float(baseline))
+
+
+def test_train_vq_command_writes_a_loadable_tokenizer(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from omniweave.models.omni.vq import load_vq
+
+    for index, image in enumerate(_shapes(32)):
+        Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(tmp_path / f"{index}.png")
+    out = tmp_path / "vq.pt"
+    command = [sys.executable, "-m", "omniweave.cli", "data", "train-vq", str(tmp_path)]
+    command += ["--out", str(out), "--steps", "30", "--codebook-size", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "VQ tokenizer on 32 images" in result.stdout
+    codes = load_vq(str(out)).encode(_shapes(4))
+    assert codes.shape == (4, 4, 4) and int(codes.max()) < 16

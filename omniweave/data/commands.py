@@ -25,6 +25,16 @@ def register(subparsers) -> None:
     p.add_argument("paths", nargs="*", default=[DEFAULT_FORTUNES], help="fortune files/folders")
     p.set_defaults(func=_fortunes)
 
+    p = commands.add_parser("train-vq", help="train the VQ image tokenizer of an image decoder")
+    p.add_argument("images", nargs="+", help="image files or folders of .png/.jpg files")
+    p.add_argument("--out", required=True, help="output file (load it as tokenizer_path)")
+    p.add_argument("--channels", type=int, default=1, help="1 (grayscale) or 3 (RGB)")
+    p.add_argument("--codebook-size", type=int, default=128)
+    p.add_argument("--downsample", type=int, default=1, help="stride-2 stages (grid = H / 2^d)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_vq)
+
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from omniweave.data.records import read_records, record_texts
@@ -47,3 +57,38 @@ def _fortunes(args: argparse.Namespace) -> None:
 
     count = fortunes_to_jsonl(args.paths, args.out)
     print(f"wrote {count} fortunes -> {args.out}")
+
+
+def _train_vq(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from omniweave.data.media import load_image
+    from omniweave.models.omni.vq import save_vq, train_vq
+
+    files = []
+    for path in args.images:
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            files += [os.path.join(path, n) for n in names if n.lower().endswith((".png", ".jpg"))]
+        else:
+            files.append(path)
+    if not files:
+        raise ValueError(f"no .png/.jpg images in {args.images}")
+    images = [load_image(f, args.channels, 2**args.downsample) for f in files]
+    if len({tuple(image.shape) for image in images}) > 1:
+        raise ValueError("train-vq needs images of one size; resize them first")
+    model, losses = train_vq(
+        torch.stack(images),
+        steps=args.steps,
+        seed=args.seed,
+        codebook_size=args.codebook_size,
+        downsample=args.downsample,
+    )
+    save_vq(model, args.out)
+    print(f"VQ tokenizer on {len(files)} images: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(
+        f"  -> {args.out} ({args.codebook_size} codes, grid {tuple(images[0].shape[1:])} / "
+        f"{2**args.downsample})"
+    )
