@@ -94,3 +94,36 @@ def tiny_qwen2_vl(seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config).float()
+
+
+AUDIO_TOKEN, OMNI_IMAGE_TOKEN, AUDIO_START, AUDIO_END = 500, 501, 505, 506
+
+
+def tiny_qwen2_5_omni_thinker(seed: int = 0):
+    """A tiny Qwen2.5-Omni thinker: 1-layer audio and vision towers, 2 text layers (M-RoPE)."""
+    import torch
+    from transformers import (
+        Qwen2_5OmniThinkerConfig,
+        Qwen2_5OmniThinkerForConditionalGeneration,
+    )
+
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=dict(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=4, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0],
+        ),
+        audio_config=dict(
+            d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+            num_mel_bins=16, output_dim=64, max_source_positions=100, n_window=8,
+        ),
+        audio_token_id=AUDIO_TOKEN, image_token_id=OMNI_IMAGE_TOKEN, video_token_id=502,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        audio_start_token_id=AUDIO_START, audio_end_token_id=AUDIO_END,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen2_5OmniThinkerForConditionalGeneration(config).float()

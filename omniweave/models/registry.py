@@ -42,6 +42,19 @@ RECIPES: dict[str, ModelRecipe] = {
         _moe("qwen3_moe", "Qwen3MoeDecoderLayer"),
         _moe("olmoe", "OlmoeDecoderLayer"),
         ModelRecipe(
+            "qwen2_5_omni_thinker",
+            ("Qwen2_5OmniDecoderLayer", "Qwen2_5OmniVisionBlock", "Qwen2_5OmniAudioEncoderLayer"),
+            (
+                "model.audio_tower.layers.*",
+                "model.audio_tower",
+                "model.visual.blocks.*",
+                "model.visual",
+                "model.language_model.embed_tokens",
+                "model.language_model.layers.*",
+                "lm_head",
+            ),
+        ),
+        ModelRecipe(
             "qwen2_vl",
             ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"),
             (
