@@ -51,6 +51,17 @@ def _launch(args: argparse.Namespace, overrides: list[str], cfg) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from omniweave.train.evaluate import evaluate
+
+    result = evaluate(args.run, args.data)
+    summary = {k: v for k, v in result.items() if not k.endswith("_n") and k != "examples"}
+    print(json.dumps(summary, indent=2))
+    print(f"omniweave: {os.path.join(args.run, 'eval.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniweave", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config file")
     train.add_argument("--nproc", type=int, default=0, help="start torchrun with N local processes")
+    evaluate = commands.add_parser(
+        "eval", help="score a trained OmniModel on the held-out prompts of a demo data set"
+    )
+    evaluate.add_argument("run", help="train.output_dir of a run with train.save_final")
+    evaluate.add_argument("data", help="folder written by `omniweave data build-demo`")
+    evaluate.set_defaults(func=_evaluate)
     from omniweave.data.commands import register
 
     register(commands)

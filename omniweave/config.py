@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = _opt(1, ge=1)
     peak_flops: float | None = _opt(None, gt=0)  # device peak FLOP/s for MFU; None = measure
+    save_final: bool = False  # unsharded weights in output_dir/final/model.safetensors
 
 
 @dataclass

@@ -35,6 +35,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_vq)
 
+    p = commands.add_parser("build-demo", help="build the omni demo's data set")
+    p.add_argument("out", help="output folder (train.jsonl, eval.jsonl, media)")
+    p.add_argument("--root", default="/", help="where the Debian packages are unpacked")
+    p.add_argument("--fortunes", type=int, default=1000, help="plain-text records")
+    p.set_defaults(func=_build_demo)
+
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from omniweave.data.records import read_records, record_texts
@@ -92,3 +98,9 @@ def _train_vq(args: argparse.Namespace) -> None:
         f"  -> {args.out} ({args.codebook_size} codes, grid {tuple(images[0].shape[1:])} / "
         f"{2**args.downsample})"
     )
+
+
+def _build_demo(args: argparse.Namespace) -> None:
+    from omniweave.data.demo import build_demo
+
+    build_demo(args.out, args.root, fortunes=args.fortunes)

@@ -11,9 +11,21 @@ _OVERSTRIKE = re.compile("[^\x08]\x08")
 def fortunes_to_jsonl(paths: list[str], out_path: str) -> int:
     """Write the quotes of fortune files (or folders of them) as ``{"text"}`` JSONL.
 
-    Returns the number of records written. Quotes are separated by lines holding
-    only ``%``; ``.dat``/``.u8`` index files and symlinks in folders are skipped.
+    Returns the number of records written.
     """
+    quotes = read_fortunes(paths)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    tmp_path = f"{out_path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as out:
+        for quote in quotes:
+            out.write(json.dumps({"text": quote}, ensure_ascii=False) + "\n")
+    os.replace(tmp_path, out_path)  # a half-written file never looks finished
+    return len(quotes)
+
+
+def read_fortunes(paths: list[str]) -> list[str]:
+    """The quotes of fortune files or folders of them. Quotes are separated by lines holding
+    only ``%``; ``.dat``/``.u8`` index files and symlinks in folders are skipped."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -29,16 +41,7 @@ def fortunes_to_jsonl(paths: list[str], out_path: str) -> int:
             raise ValueError(f"{path}: no such fortune file or folder")
     if not files:
         raise ValueError(f"no fortune files found in {', '.join(paths)}")
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    tmp_path = f"{out_path}.tmp"
-    count = 0
-    with open(tmp_path, "w", encoding="utf-8") as out:
-        for path in files:
-            for quote in _read_fortunes(path):
-                out.write(json.dumps({"text": quote}, ensure_ascii=False) + "\n")
-                count += 1
-    os.replace(tmp_path, out_path)  # a half-written file never looks finished
-    return count
+    return [quote for path in files for quote in _read_fortunes(path)]
 
 
 def _read_fortunes(path: str) -> list[str]:

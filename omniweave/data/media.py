@@ -1,4 +1,4 @@
-"""Media files of multimodal records: images and clips (Pillow) and WAV audio, as tensors.
+"""Media files of multimodal records: images and clips (Pillow) and audio (soundfile), as tensors.
 
 Encoders read their items with a ``load_item(path)`` method; these are the
 readers of the built-in ones.
@@ -11,9 +11,9 @@ data file. A missing or unreadable file is an error naming the file and record.
 from __future__ import annotations
 
 import os
-import wave
 
 import numpy as np
+import soundfile
 import torch
 
 
@@ -48,15 +48,26 @@ def _crop(array: np.ndarray, patch: int) -> np.ndarray:
 
 
 def load_wav(path: str, sample_rate: int) -> torch.Tensor:
-    """Mono float waveform of a 16-bit PCM WAV file recorded at ``sample_rate``."""
-    with wave.open(path, "rb") as f:
-        if f.getsampwidth() != 2:
-            raise ValueError("only 16-bit PCM WAV is supported")
-        if f.getframerate() != sample_rate:
-            raise ValueError(f"sample rate {f.getframerate()} Hz, expected {sample_rate} Hz")
-        frames = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
-        frames = frames.reshape(-1, f.getnchannels()).mean(axis=1)
-    return torch.from_numpy(frames.astype(np.float32) / 32768.0)
+    """Mono float waveform at ``sample_rate`` of any file soundfile reads (WAV of any PCM width
+    or float, FLAC, OGG...): channels are averaged, other rates resampled."""
+    frames, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    if frames.shape[0] == 0:
+        raise ValueError("no audio samples")
+    return resample(torch.from_numpy(frames.mean(axis=1)), rate, sample_rate)
+
+
+def resample(waveform: torch.Tensor, rate: int, target: int) -> torch.Tensor:
+    """Band-limited resampling by FFT, as ``scipy.signal.resample``: the spectrum is cut at the
+    lower of the two Nyquist frequencies (an ideal low-pass) and transformed back at the new
+    length. The clip counts as periodic, so its first and last few samples may ring slightly."""
+    if rate == target:
+        return waveform
+    length = max(1, round(waveform.shape[-1] * target / rate))
+    shorter = min(length, waveform.shape[-1])
+    spectrum = torch.fft.rfft(waveform.double(), norm="forward")[: shorter // 2 + 1]
+    if shorter % 2 == 0:  # the shorter clip's Nyquist bin counts once, the others twice
+        spectrum[-1] *= 2.0 if length < waveform.shape[-1] else 0.5
+    return torch.fft.irfft(spectrum, n=length, norm="forward").to(waveform.dtype)
 
 
 def load_item(encoder, base_dir: str, path: str) -> torch.Tensor:
@@ -64,5 +75,5 @@ def load_item(encoder, base_dir: str, path: str) -> torch.Tensor:
     full = os.path.join(base_dir, path)
     try:
         return encoder.load_item(full)
-    except (OSError, ValueError, EOFError, wave.Error) as error:
+    except (OSError, ValueError, EOFError, soundfile.SoundFileError) as error:
         raise ValueError(f"{full}: cannot read ({error})") from None

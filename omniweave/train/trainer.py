@@ -35,6 +35,7 @@ from omniweave.distributed.ulysses import (
 )
 from omniweave.models.loader import build_model, load_hf_config
 from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
+from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
 from omniweave.train.metrics import (
     MetricsWriter,
@@ -362,12 +363,17 @@ class Trainer:
                 if writer:
                     writer.log(row)
         bar.close()
+        final = None
+        if t.save_final:
+            final = save_full_weights(self.model, os.path.join(out, "final"), self.is_main)
         if writer:
             plot = writer.close(self.cfg.log.plot)
             print(f"omniweave: outputs in {os.path.abspath(out)}")
             print(f"  metrics: {writer.path}")
             if plot:
                 print(f"  loss plot: {plot}")
+            if final:
+                print(f"  weights: {final}")
         return rows
 
     def _measured_peak_flops(self) -> float:

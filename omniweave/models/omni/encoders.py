@@ -138,13 +138,24 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
 
 
 class AudioEncoder(nn.Module):
-    """Whisper-style: log-mel (``torch.stft``) -> two stride-2 convolutions -> transformer."""
+    """Whisper-style: log-mel (``torch.stft``) -> two stride-2 convolutions -> transformer.
+    ``normalize``: floor each clip's log-mel 60 dB below its peak and remove each band's mean
+    (the recording channel and level), which helps recognise voices unlike the training ones."""
 
     def __init__(
-        self, lm_hidden: int, width=64, depth=2, heads=4, sample_rate=16000, n_mels=40, hop=160
+        self,
+        lm_hidden: int,
+        width=64,
+        depth=2,
+        heads=4,
+        sample_rate=16000,
+        n_mels=40,
+        hop=160,
+        normalize=False,
     ):
         super().__init__()
         self.n_fft, self.hop, self.sample_rate = 400, hop, sample_rate
+        self.normalize = normalize
         self.register_buffer(
             "filters", mel_filterbank(sample_rate, self.n_fft, n_mels), persistent=False
         )
@@ -176,7 +187,11 @@ class AudioEncoder(nn.Module):
             waveform, self.n_fft, self.hop, window=window, center=True, return_complex=True
         )
         power = spectrum.abs() ** 2  # [freqs, frames]
-        return torch.log10(torch.clamp(self.filters.to(power.device) @ power, min=1e-10))
+        mel = torch.log10(torch.clamp(self.filters.to(power.device) @ power, min=1e-10))
+        if self.normalize:  # 60 dB below the loudest bin, then zero mean per band
+            mel = torch.maximum(mel, mel.max() - 6)
+            mel = mel - mel.mean(dim=1, keepdim=True)
+        return mel
 
     def lm_encode(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
         sequences = []

@@ -1,0 +1,176 @@
+"""``omniweave data build-demo OUT``: the omni demo's data set, from real offline sources.
+
+Tasks (``train.jsonl``, text records with ``<modality>`` markers and media files):
+image captioning (handwritten digits, emoji), speech recognition (real recordings
+and synthesised speech), video captioning (digits in motion), text-to-image
+(``<draw>`` targets) and plain text (fortunes). ``eval.jsonl`` holds held-out
+prompts with their expected answers: unseen digit images and clips, Allison's
+real recordings of the ten digit words, and drawing prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from omniweave.data import demo_sources as src
+
+EVAL_DIGITS = 297  # the last images of load_digits are held out
+PROMPTS = {
+    "caption": "<image> describe:",
+    "video": "<video> describe:",
+    "asr": "<audio> transcribe:",
+    "draw": "draw: a handwritten {word} ",
+}
+
+
+def build_demo(out: str, root: str = "/", seed: int = 0, fortunes: int = 1000) -> dict:
+    """Write the demo data set under ``out`` from the packages installed under ``root``.
+
+    Returns the number of records per task; prints which sources were used or skipped.
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    for folder in ("images/train", "images/eval", "emoji", "video", "audio"):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    train, evaluation, notes = [], [], []
+
+    images, labels = src.handwritten_digits()
+    split = len(images) - EVAL_DIGITS
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        part = "train" if index < split else "eval"
+        path = f"images/{part}/{index:04d}.png"
+        src.save_png(os.path.join(out, path), image)
+        word = src.DIGIT_WORDS[label]
+        if part == "train":
+            caption = f"a handwritten {word}"
+            train.append(_record("caption", f"<image> describe: {caption}", image=path))
+            train.append(_record("draw", PROMPTS["draw"].format(word=word) + "<draw>", draw=path))
+        else:
+            evaluation.append(_eval("caption", int(label), image=path))
+    for word in src.DIGIT_WORDS:
+        evaluation.append(_eval("draw", src.DIGIT_WORDS.index(word), prompt_word=word))
+    notes.append(f"images: {split} + {EVAL_DIGITS} held-out handwritten digits (scikit-learn)")
+
+    for index in range(len(images)):
+        part = "train" if index < split else "eval"
+        if part == "train" and index % 3:
+            continue  # a third of the training digits is enough for the clips
+        motion = src.MOTIONS[int(rng.integers(len(src.MOTIONS)))]
+        path = f"video/{index:04d}.gif"
+        src.save_gif(os.path.join(out, path), src.motion_clip(images[index], motion))
+        caption = f"a {src.DIGIT_WORDS[labels[index]]} {motion}"
+        if part == "train":
+            train.append(_record("video", f"<video> describe: {caption}", video=path))
+        else:
+            evaluation.append(_eval("video", int(labels[index]), answer=caption, video=path))
+    notes.append("video: digits sliding and zooming")
+
+    if os.path.isfile(os.path.join(root, src.EMOJI_FONT)):
+        emoji = src.emoji_images(root, limit=400)
+        for index, (name, image) in enumerate(emoji):
+            path = f"emoji/{index:04d}.png"
+            src.save_png(os.path.join(out, path), image)
+            train.append(_record("caption", f"<image> describe: {name}", image=path))
+        notes.append(f"images: {len(emoji)} Noto Color Emoji glyphs")
+    else:
+        notes.append("skipped emoji: install Debian's fonts-noto-color-emoji")
+
+    train += _speech(out, root, evaluation, notes)
+
+    folder = os.path.join(root, src.FORTUNES)
+    if os.path.isdir(folder):
+        quotes = src.fortunes(root, fortunes)
+        train += [_record("text", quote) for quote in quotes]
+        notes.append(f"text: {len(quotes)} fortunes")
+    else:
+        notes.append("skipped text: install Debian's fortunes")
+
+    order = rng.permutation(len(train))
+    _write_jsonl(os.path.join(out, "train.jsonl"), [train[i] for i in order])
+    _write_jsonl(os.path.join(out, "eval.jsonl"), evaluation)
+    counts = Counter(record["task"] for record in train)
+    for note in notes:
+        print(f"  {note}")
+    print(
+        f"build-demo: {len(train)} training records ({dict(counts)}), {len(evaluation)} "
+        f"evaluation prompts in {time.perf_counter() - start:.0f} s -> {out}"
+    )
+    return dict(counts)
+
+
+def _speech(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
+    """Speech recognition records; Allison's digit recordings go to ``evaluation``."""
+    records = []
+    held_out = src.allison_digits(root)
+    if held_out:
+        for path, digit in held_out:
+            name = f"audio/allison_{digit}.wav"
+            src.save_wav(os.path.join(out, name), src.read_audio(path))
+            evaluation.append(_eval("asr", digit, audio=name))
+        words = src.allison_words(root)
+        for index, (path, text) in enumerate(words):
+            name = f"audio/allison_word_{index:03d}.wav"
+            src.save_wav(os.path.join(out, name), src.read_audio(path))
+            records.append(_record("asr", f"<audio> transcribe: {text}", audio=name))
+        notes.append(f"audio: {len(words)} real Allison prompts (+ {len(held_out)} held out)")
+    else:
+        notes.append("skipped Allison recordings: install Debian's asterisk-core-sounds-en-wav")
+    utterances = src.pocketsphinx_utterances(root)
+    for index, (path, text, raw_rate) in enumerate(utterances):
+        name = f"audio/pocketsphinx_{index:02d}.wav"
+        src.save_wav(os.path.join(out, name), src.read_audio(path, raw_rate))
+        records.append(_record("asr", f"<audio> transcribe: {text}", audio=name))
+    if utterances:
+        notes.append(f"audio: {len(utterances)} pocketsphinx test utterances")
+    else:
+        notes.append("skipped pocketsphinx utterances: install Debian's pocketsphinx-testdata")
+    synthesizers = src.synthesizers()
+    jobs = [
+        (engine, voice, command, word)
+        for engine, commands in synthesizers.items()
+        for voice, command in enumerate(commands)
+        for word in src.DIGIT_WORDS
+    ]
+
+    def run(job):
+        engine, voice, command, word = job
+        name = f"audio/{engine}_{voice:02d}_{word}.wav"
+        src.save_wav(os.path.join(out, name), src.speak(command, word, os.path.join(out, name)))
+        return _record("asr", f"<audio> transcribe: {word}", audio=name)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        records += list(pool.map(run, jobs))
+    for engine in ("espeak-ng", "flite", "festival"):
+        if engine in synthesizers:
+            notes.append(f"audio: {len(synthesizers[engine])} {engine} voices x 10 digit words")
+        else:
+            notes.append(f"skipped {engine} speech: install Debian's {engine}")
+    return records
+
+
+def _record(task: str, text: str, **media: str) -> dict:
+    record = {"task": task, "text": text}
+    if media:
+        record["media"] = {modality: [path] for modality, path in media.items()}
+    return record
+
+
+def _eval(task: str, label: int, answer: str | None = None, prompt_word: str = "", **media):
+    record = {"task": task, "prompt": PROMPTS[task].format(word=prompt_word), "label": label}
+    if answer:
+        record["answer"] = answer
+    if media:
+        record["media"] = {modality: [path] for modality, path in media.items()}
+    return record
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,47 @@
+"""Unsharded weights of a trained model in one safetensors file (for evaluation and
+inference in a single process), gathered from whatever layout it was trained on."""
+
+from __future__ import annotations
+
+import os
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+WEIGHTS = "model.safetensors"
+
+
+def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
+    """Gather every parameter (FSDP and EP shards) to CPU on rank 0 and write ``folder/WEIGHTS``.
+    Collective: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    path = os.path.join(folder, WEIGHTS)
+    if is_main:
+        os.makedirs(folder, exist_ok=True)
+        tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def load_full_weights(model: nn.Module, folder: str) -> None:
+    """Load ``folder/WEIGHTS`` into an unsharded model; every weight must be there."""
+    state = load_file(os.path.join(folder, WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"{folder}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    """A missing entry that shares its storage with one that was loaded (tied embeddings)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    target = params.get(name)
+    return target is not None and any(
+        other is target for other_name, other in params.items() if other_name != name
+    )
