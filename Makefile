@@ -2,8 +2,10 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 DATA := .data
+OMNI := $(DATA)/omni
+DEBROOT := $(DATA)/deb/root
 
-.PHONY: test demo lint clean
+.PHONY: test demo demo-text lint clean
 
 $(VENV)/.done: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,7 +19,14 @@ $(VENV): $(VENV)/.done
 test: $(VENV)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
-demo: $(VENV) $(DATA)/tokenizer
+# The omni demo: build the data, its BPE and VQ tokenizers, train with FSDP,
+# SP and EP in 2 processes, then score held-out samples (runs/omni_demo/eval.json).
+demo: $(VENV) $(OMNI)/tokenizer $(OMNI)/vq.pt
+	OMP_NUM_THREADS=1 $(BIN)/omniweave train configs/omni_demo.yaml --nproc 2
+	OMP_NUM_THREADS=2 $(BIN)/omniweave eval runs/omni_demo $(OMNI)
+
+# The text-only demo: a 4-layer Qwen2 on Debian's fortunes, 2x2 HSDP.
+demo-text: $(VENV) $(DATA)/tokenizer
 	OMP_NUM_THREADS=1 $(BIN)/omniweave train configs/demo.yaml --nproc 4
 
 lint: $(VENV)
@@ -36,3 +45,28 @@ $(DATA)/fortunes.jsonl: | $(VENV)
 
 $(DATA)/tokenizer: $(DATA)/fortunes.jsonl | $(VENV)
 	$(BIN)/omniweave data train-tokenizer --input $< --vocab-size 4096 --out $@
+
+# Omni demo sources. Data packages are unpacked without root (apt-get download + dpkg-deb);
+# the speech synthesisers are installed where apt-get may install, skipped otherwise.
+DEMO_PACKAGES := fortunes-min fortunes fonts-noto-color-emoji asterisk-core-sounds-en-wav pocketsphinx-testdata
+SPEECH_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k
+
+$(DEBROOT)/.omni:
+	mkdir -p $(DEBROOT)
+	for pkg in $(DEMO_PACKAGES); do \
+	  (cd $(DATA)/deb && apt-get download -q $$pkg) || echo "demo: skipped $$pkg (apt-get download failed)"; \
+	done
+	for deb in $(DATA)/deb/*.deb; do [ ! -e $$deb ] || dpkg-deb -x $$deb $(DEBROOT); done
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q $(SPEECH_PACKAGES) >/dev/null || echo "demo: could not install $(SPEECH_PACKAGES)"; \
+	else echo "demo: skipped installing $(SPEECH_PACKAGES) (needs root and apt-get)"; fi
+	touch $@
+
+$(OMNI)/train.jsonl: $(DEBROOT)/.omni | $(VENV)
+	$(BIN)/omniweave data build-demo $(OMNI) --root $(DEBROOT)
+
+$(OMNI)/tokenizer: $(OMNI)/train.jsonl
+	$(BIN)/omniweave data train-tokenizer --input $< --vocab-size 2048 --out $@
+
+$(OMNI)/vq.pt: $(OMNI)/train.jsonl
+	$(BIN)/omniweave data train-vq $(OMNI)/images/train --out $@ --codebook-size 64 --downsample 1 --steps 1000

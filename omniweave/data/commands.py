@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p = commands.add_parser("build-demo", help="build the omni demo's data set")
     p.add_argument("out", help="output folder (train.jsonl, eval.jsonl, media)")
     p.add_argument("--root", default="/", help="where the Debian packages are unpacked")
-    p.add_argument("--fortunes", type=int, default=1000, help="plain-text records")
+    p.add_argument("--fortunes", type=int, default=300, help="plain-text records")
+    p.add_argument("--no-synthesis", action="store_true", help="no synthesised speech")
     p.set_defaults(func=_build_demo)
 
 
@@ -103,4 +104,4 @@ def _train_vq(args: argparse.Namespace) -> None:
 def _build_demo(args: argparse.Namespace) -> None:
     from omniweave.data.demo import build_demo
 
-    build_demo(args.out, args.root, fortunes=args.fortunes)
+    build_demo(args.out, args.root, fortunes=args.fortunes, synthesize=not args.no_synthesis)

@@ -29,8 +29,11 @@ PROMPTS = {
 }
 
 
-def build_demo(out: str, root: str = "/", seed: int = 0, fortunes: int = 1000) -> dict:
-    """Write the demo data set under ``out`` from the packages installed under ``root``.
+def build_demo(
+    out: str, root: str = "/", seed: int = 0, fortunes: int = 300, synthesize: bool = True
+) -> dict:
+    """Write the demo data set under ``out`` from the packages installed under ``root``
+    (and the speech synthesisers on PATH unless ``synthesize`` is false).
 
     Returns the number of records per task; prints which sources were used or skipped.
     """
@@ -72,7 +75,7 @@ def build_demo(out: str, root: str = "/", seed: int = 0, fortunes: int = 1000) -
     notes.append("video: digits sliding and zooming")
 
     if os.path.isfile(os.path.join(root, src.EMOJI_FONT)):
-        emoji = src.emoji_images(root, limit=400)
+        emoji = src.emoji_images(root, limit=100)
         for index, (name, image) in enumerate(emoji):
             path = f"emoji/{index:04d}.png"
             src.save_png(os.path.join(out, path), image)
@@ -81,7 +84,7 @@ def build_demo(out: str, root: str = "/", seed: int = 0, fortunes: int = 1000) -
     else:
         notes.append("skipped emoji: install Debian's fonts-noto-color-emoji")
 
-    train += _speech(out, root, evaluation, notes)
+    train += _speech(out, root, evaluation, notes, synthesize)
 
     folder = os.path.join(root, src.FORTUNES)
     if os.path.isdir(folder):
@@ -104,7 +107,7 @@ def build_demo(out: str, root: str = "/", seed: int = 0, fortunes: int = 1000) -
     return dict(counts)
 
 
-def _speech(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
+def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool) -> list[dict]:
     """Speech recognition records; Allison's digit recordings go to ``evaluation``."""
     records = []
     held_out = src.allison_digits(root)
@@ -130,7 +133,7 @@ def _speech(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
         notes.append(f"audio: {len(utterances)} pocketsphinx test utterances")
     else:
         notes.append("skipped pocketsphinx utterances: install Debian's pocketsphinx-testdata")
-    synthesizers = src.synthesizers()
+    synthesizers = src.synthesizers() if synthesize else {}
     jobs = [
         (engine, voice, command, word)
         for engine, commands in synthesizers.items()

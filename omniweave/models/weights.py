@@ -20,7 +20,9 @@ def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
     path = os.path.join(folder, WEIGHTS)
     if is_main:
         os.makedirs(folder, exist_ok=True)
-        tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+        unique = {name for name, _ in model.named_parameters()}  # tied weights once
+        unique |= {name for name, _ in model.named_buffers()}
+        tensors = {name: t.contiguous() for name, t in state.items() if name in unique}
         save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
     return path
