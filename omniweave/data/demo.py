@@ -160,16 +160,18 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
 
 
 def _record(task: str, text: str, **media: str) -> dict:
-    record = {"task": task, "text": text}
-    if media:
-        record["media"] = {modality: [path] for modality, path in media.items()}
-    return record
+    return _with_media({"task": task, "text": text}, media)
 
 
 def _eval(task: str, label: int, answer: str | None = None, prompt_word: str = "", **media):
     record = {"task": task, "prompt": PROMPTS[task].format(word=prompt_word), "label": label}
     if answer:
         record["answer"] = answer
+    return _with_media(record, media)
+
+
+def _with_media(record: dict, media: dict[str, str]) -> dict:
+    """``record`` with one file per modality, as the record schema's ``media`` lists."""
     if media:
         record["media"] = {modality: [path] for modality, path in media.items()}
     return record

@@ -1,8 +1,9 @@
 """The real, offline media of the omni demo, one function per source.
 
-Each source yields ``(kind, split, record, path -> writer)`` pieces through plain
-lists; ``demo.py`` assembles them into JSONL. Sources from Debian packages or
-speech synthesisers that are not installed are skipped by the caller, which says so.
+Each function reads one source (scikit-learn's digits, a Debian package unpacked
+under ``root``, a speech synthesiser on PATH) and returns arrays or (path, text)
+pairs; ``demo.py`` writes the media and the JSONL records, and skips (saying so)
+the sources that are not installed.
 """
 
 from __future__ import annotations
@@ -131,17 +132,14 @@ def emoji_images(root: str, limit: int) -> list[tuple[str, np.ndarray]]:
 
 def read_audio(path: str, raw_rate: int | None = None) -> np.ndarray:
     """A mono float clip at ``SAMPLE_RATE``; ``raw_rate`` for headerless 16-bit files."""
-    import soundfile as sf
     import torch
 
-    from omniweave.data.media import resample
+    from omniweave.data.media import load_wav, resample
 
     if raw_rate:
-        audio, rate = np.fromfile(path, dtype="<i2").astype(np.float32) / 32768, raw_rate
-    else:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
-    return resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+        raw = torch.from_numpy(np.fromfile(path, dtype="<i2").astype(np.float32) / 32768)
+        return resample(raw, raw_rate, SAMPLE_RATE).numpy()
+    return load_wav(path, SAMPLE_RATE).numpy()
 
 
 def save_wav(path: str, audio: np.ndarray) -> None:
@@ -155,14 +153,7 @@ def allison_words(root: str) -> list[tuple[str, str]]:
     """(wav path, transcript) of the real Allison prompts whose file names are their words:
     numbers, ordinals, weekdays, months, letters and the NATO alphabet."""
     base = os.path.join(root, ALLISON)
-    tens = dict(
-        zip(
-            range(20, 100, 10),
-            ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"],
-            strict=True,
-        )
-    )
-    teens = [
+    numbers = [
         "ten",
         "eleven",
         "twelve",
@@ -173,9 +164,16 @@ def allison_words(root: str) -> list[tuple[str, str]]:
         "seventeen",
         "eighteen",
         "nineteen",
+        "twenty",
+        "thirty",
+        "forty",
+        "fifty",
+        "sixty",
+        "seventy",
+        "eighty",
+        "ninety",
     ]
-    numbers = {str(n): w for n, w in zip(range(10, 20), teens, strict=True)}
-    numbers |= {str(n): w for n, w in tens.items()}
+    files = [*range(10, 20), *range(20, 100, 10)]
     ordinal = {
         "one": "first",
         "two": "second",
@@ -186,7 +184,7 @@ def allison_words(root: str) -> list[tuple[str, str]]:
         "twelve": "twelfth",
     }
     found = []
-    for name, word in numbers.items():
+    for name, word in zip(files, numbers, strict=True):
         found.append((f"digits/{name}.wav", word))
     for n in range(1, 10):
         found.append((f"digits/h-{n}.wav", ordinal.get(DIGIT_WORDS[n], DIGIT_WORDS[n] + "th")))

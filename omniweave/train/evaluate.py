@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from omniweave.config import load_config
@@ -67,7 +66,7 @@ def named_digit(text: str) -> int | None:
     return None
 
 
-def digit_classifier() -> tuple[nn.Module, float]:
+def digit_classifier() -> tuple[object, float]:
     """An SVM on the training images of ``load_digits`` and its held-out accuracy."""
     from sklearn.svm import SVC
 
