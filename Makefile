@@ -48,7 +48,8 @@ $(DATA)/tokenizer: $(DATA)/fortunes.jsonl | $(VENV)
 
 # Omni demo sources. Data packages are unpacked without root (apt-get download + dpkg-deb);
 # the speech synthesisers are installed where apt-get may install, skipped otherwise.
-DEMO_PACKAGES := fortunes-min fortunes fonts-noto-color-emoji asterisk-core-sounds-en-wav pocketsphinx-testdata
+DEMO_PACKAGES := fortunes-min fortunes fonts-noto-color-emoji asterisk-core-sounds-en \
+  asterisk-core-sounds-en-wav pocketsphinx-testdata
 SPEECH_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k
 
 $(DEBROOT)/.omni:

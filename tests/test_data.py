@@ -83,6 +83,7 @@ BAD_LINES = {
     "missing fields": ('{"prompt": "hi"}', "needs a 'text' string or a 'messages' list"),
     "empty text": ('{"text": "  "}', "'text' is empty"),
     "text not a string": ('{"text": 5}', "'text' must be a string"),
+    "prompt not a string": ('{"prompt": 1, "text": "a"}', "'prompt' must be a string"),
     "both": (json.dumps({"text": "a", "messages": CHAT}), "has both"),
     "empty messages": ('{"messages": []}', "non-empty list"),
     "messages not a list": ('{"messages": "hi"}', "non-empty list"),
@@ -204,6 +205,18 @@ def test_tokenize_text(tokenizer):
     assert sample["labels"] == sample["input_ids"]
     assert sample["input_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(sample["input_ids"][:-1]) == text
+
+
+def test_tokenize_prompt_is_input_without_labels(tokenizer):
+    prompt, text = "Question: what jumps over the dog?", " The cat."
+    sample = tokenize_record({"prompt": prompt, "text": text}, tokenizer, 1024)
+    whole = tokenize_record({"text": prompt + text}, tokenizer, 1024)
+    assert sample["input_ids"] == whole["input_ids"]
+    learned = [i for i in sample["labels"] if i != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == text + tokenizer.eos_token
+    assert sample["labels"][-len(learned) :] == sample["input_ids"][-len(learned) :]
+    with pytest.raises(ValueError, match="merge into one token"):
+        tokenize_record({"prompt": "The cat num", "text": "ber"}, tokenizer, 1024)
 
 
 def test_tokenize_messages_labels_only_assistant(tokenizer):

@@ -3,6 +3,7 @@ demo's OmniModel encoders, and Allison's digit recordings are held out of traini
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from omniweave.data import demo_sources as src
 from omniweave.data.demo import EVAL_DIGITS, build_demo
 from omniweave.data.loader import load_samples
 from omniweave.data.media import load_image
-from omniweave.data.processors import load_tokenizer
+from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_multimodal
 from omniweave.data.tokenizers import train_tokenizer
 from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
 from omniweave.models.omni.vq import save_vq, train_vq
@@ -27,8 +28,13 @@ def demo(tmp_path_factory):
     digits = root / src.ALLISON / "digits"
     digits.mkdir(parents=True)
     tone = np.sin(np.arange(4000) / 8000 * 2 * np.pi * 300).astype(np.float32) * 0.3
-    for name in [*map(str, range(10)), "17", "h-3"]:
+    for name in [*map(str, range(10)), "17", "h-3", "../vm-Cust1", "../demo-instruct"]:
         sf.write(digits / f"{name}.wav", tone, 8000, subtype="PCM_16")
+    transcripts = root / src.ALLISON_TRANSCRIPTS
+    transcripts.parent.mkdir(parents=True)
+    with gzip.open(transcripts, "wt") as f:  # held-out digits, a note and "500" are not trained
+        f.write("; title\n\ndigits/3: three\ndigits/17: seventeen\ndigits/h-3: third\n")
+        f.write("silence/1: (1 second of silence)\nvm-Cust1: folder 5\ndemo-instruct: dial 500\n")
     fortunes = root / src.FORTUNES
     fortunes.mkdir(parents=True)
     (fortunes / "wisdom").write_text("Look before you leap.\n%\nHaste makes waste.\n")
@@ -44,10 +50,10 @@ def _lines(path) -> list[dict]:
 def test_tasks_and_held_out_split(demo):
     out, counts = demo
     train = len(src.handwritten_digits()[0]) - EVAL_DIGITS
-    assert counts == {"caption": train, "draw": train, "video": train // 3, "asr": 2, "text": 2}
+    assert counts == {"caption": train, "draw": train, "video": train // 3, "asr": 3, "text": 2}
     records, prompts = _lines(out / "train.jsonl"), _lines(out / "eval.jsonl")
-    speech = {r["text"] for r in records if r["task"] == "asr"}
-    assert speech == {"<audio> transcribe: seventeen", "<audio> transcribe: third"}
+    speech = {r["prompt"] + r["text"] for r in records if r["task"] == "asr"}
+    assert speech == {f"<audio> transcribe: {t}" for t in ("seventeen", "third", "folder five")}
     assert sorted(p["label"] for p in prompts if p["task"] == "asr") == list(range(10))
     assert sum(p["task"] == "caption" for p in prompts) == EVAL_DIGITS
     trained = {path for r in records for paths in r.get("media", {}).values() for path in paths}
@@ -56,20 +62,45 @@ def test_tasks_and_held_out_split(demo):
     assert all((out / path).is_file() for path in trained | held_out)
 
 
-def test_records_load_with_the_demo_encoders(demo, tmp_path):
+@pytest.fixture(scope="module")
+def parts(demo, tmp_path_factory):
+    """The demo config's encoders and decoder, a tokenizer of the demo records, and the records."""
     out, _ = demo
+    folder = tmp_path_factory.mktemp("parts")
     records = _lines(out / "train.jsonl")
-    train_tokenizer((r["text"] for r in records), 600, str(tmp_path / "tok"))
+    train_tokenizer((r.get("prompt", "") + r["text"] for r in records), 600, str(folder / "tok"))
     images = [load_image(str(out / f"images/train/{i:04d}.png"), 1, 2) for i in range(32)]
     vq, _ = train_vq(torch.stack(images), steps=5, codebook_size=64, downsample=1)
-    save_vq(vq, str(tmp_path / "vq.pt"))
+    save_vq(vq, str(folder / "vq.pt"))
     with open("configs/omni_demo.yaml") as f:
         omni = yaml.safe_load(f)["model"]["omni"]
-    omni["decoders"]["draw"]["tokenizer_path"] = str(tmp_path / "vq.pt")
+    omni["decoders"]["draw"]["tokenizer_path"] = str(folder / "vq.pt")
     encoders = build_encoders(128, omni["encoders"])
     decoders = build_decoders(128, 2120, omni["decoders"])
-    tokenizer = load_tokenizer(str(tmp_path / "tok"))
-    samples, counts, skipped = load_samples(
-        str(out / "train.jsonl"), tokenizer, 256, "error", OmniParts(*encoders, decoders)
-    )
+    tokenizer = load_tokenizer(str(folder / "tok"))
+    return OmniParts(*encoders, decoders), tokenizer, records
+
+
+def test_records_load_with_the_demo_encoders(demo, parts):
+    out, _ = demo
+    omni, tokenizer, records = parts
+    samples, counts, skipped = load_samples(str(out / "train.jsonl"), tokenizer, 256, "error", omni)
     assert len(samples) == len(records) and not skipped and not any(counts.values())
+
+
+@pytest.mark.parametrize("task", ["caption", "draw"])
+def test_prompts_are_inputs_without_labels(demo, parts, task):
+    out, _ = demo
+    omni, tokenizer, records = parts
+    record = next(r for r in records if r["task"] == task)
+    sample = tokenize_multimodal(record, tokenizer, omni, str(out))
+    whole = {"text": record["prompt"] + record["text"], "media": record["media"]}
+    reference = tokenize_multimodal(whole, tokenizer, omni, str(out))
+    assert sample["input_ids"] == reference["input_ids"]
+    media = {m: paths for m, paths in record["media"].items() if f"<{m}>" in record["prompt"]}
+    prompt = tokenize_multimodal(
+        {"text": record["prompt"], "media": media}, tokenizer, omni, str(out)
+    )
+    start = len(prompt["input_ids"]) - 1  # the prompt alone, without its end-of-text token
+    assert set(sample["labels"][:start]) == {IGNORE_INDEX}
+    assert sample["labels"][start:] == reference["labels"][start:]

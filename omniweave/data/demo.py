@@ -21,10 +21,12 @@ import numpy as np
 from omniweave.data import demo_sources as src
 
 EVAL_DIGITS = 297  # the last images of load_digits are held out
+MAX_PROMPT_SECONDS = 6  # longer Allison prompts (menus read in full) do not fit max_seq_len
 # One instruction per task: when emoji names shared the digits' "describe:", digit
 # captioning fell from 88% to 8% (300 steps, 1 process); a prompt of their own restores it.
 PROMPTS = {
     "caption": "<image> describe:",
+    "emoji": "<image> emoji:",
     "video": "<video> motion:",
     "asr": "<audio> transcribe:",
     "draw": "draw: a handwritten {word} ",
@@ -54,8 +56,8 @@ def build_demo(
         word = src.DIGIT_WORDS[label]
         if part == "train":
             caption = f"a handwritten {word}"
-            train.append(_record("caption", f"<image> describe: {caption}", image=path))
-            train.append(_record("draw", PROMPTS["draw"].format(word=word) + "<draw>", draw=path))
+            train.append(_record("caption", f" {caption}", PROMPTS["caption"], image=path))
+            train.append(_record("draw", "<draw>", PROMPTS["draw"].format(word=word), draw=path))
         else:
             evaluation.append(_eval("caption", int(label), image=path))
     for word in src.DIGIT_WORDS:
@@ -71,7 +73,7 @@ def build_demo(
         src.save_gif(os.path.join(out, path), src.motion_clip(images[index], motion))
         caption = f"a {src.DIGIT_WORDS[labels[index]]} {motion}"
         if part == "train":
-            train.append(_record("video", f"<video> motion: {caption}", video=path))
+            train.append(_record("video", f" {caption}", PROMPTS["video"], video=path))
         else:
             evaluation.append(_eval("video", int(labels[index]), answer=caption, video=path))
     notes.append("video: digits sliding and zooming")
@@ -81,7 +83,7 @@ def build_demo(
         for index, (name, image) in enumerate(emoji):
             path = f"emoji/{index:04d}.png"
             src.save_png(os.path.join(out, path), image)
-            train.append(_record("caption", f"<image> emoji: {name}", image=path))
+            train.append(_record("caption", f" {name}", PROMPTS["emoji"], image=path))
         notes.append(f"images: {len(emoji)} Noto Color Emoji glyphs")
     else:
         notes.append("skipped emoji: install Debian's fonts-noto-color-emoji")
@@ -118,19 +120,25 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
             name = f"audio/allison_{digit}.wav"
             src.save_wav(os.path.join(out, name), src.read_audio(path))
             evaluation.append(_eval("asr", digit, audio=name))
-        words = src.allison_words(root)
-        for index, (path, text) in enumerate(words):
-            name = f"audio/allison_word_{index:03d}.wav"
-            src.save_wav(os.path.join(out, name), src.read_audio(path))
-            records.append(_record("asr", f"<audio> transcribe: {text}", audio=name))
-        notes.append(f"audio: {len(words)} real Allison prompts (+ {len(held_out)} held out)")
+    prompts = src.allison_prompts(root)
+    for index, (path, text) in enumerate(prompts):
+        audio = src.read_audio(path)
+        if len(audio) > MAX_PROMPT_SECONDS * src.SAMPLE_RATE:
+            continue
+        name = f"audio/allison_prompt_{index:03d}.wav"
+        src.save_wav(os.path.join(out, name), audio)
+        records.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
+    if prompts:
+        notes.append(f"audio: {len(records)} real Allison prompts (+ {len(held_out)} held out)")
     else:
-        notes.append("skipped Allison recordings: install Debian's asterisk-core-sounds-en-wav")
+        notes.append(
+            "skipped Allison prompts: install Debian's asterisk-core-sounds-en and -en-wav"
+        )
     utterances = src.pocketsphinx_utterances(root)
     for index, (path, text, raw_rate) in enumerate(utterances):
         name = f"audio/pocketsphinx_{index:02d}.wav"
         src.save_wav(os.path.join(out, name), src.read_audio(path, raw_rate))
-        records.append(_record("asr", f"<audio> transcribe: {text}", audio=name))
+        records.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
     if utterances:
         notes.append(f"audio: {len(utterances)} pocketsphinx test utterances")
     else:
@@ -147,7 +155,7 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
         engine, voice, command, word = job
         name = f"audio/{engine}_{voice:02d}_{word}.wav"
         src.save_wav(os.path.join(out, name), src.speak(command, word, os.path.join(out, name)))
-        return _record("asr", f"<audio> transcribe: {word}", audio=name)
+        return _record("asr", f" {word}", PROMPTS["asr"], audio=name)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         records += list(pool.map(run, jobs))
@@ -159,8 +167,10 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
     return records
 
 
-def _record(task: str, text: str, **media: str) -> dict:
-    return _with_media({"task": task, "text": text}, media)
+def _record(task: str, text: str, prompt: str = "", **media: str) -> dict:
+    """A training record: ``prompt`` (not learned) then ``text`` (learned)."""
+    record = {"task": task, "prompt": prompt} if prompt else {"task": task}
+    return _with_media({**record, "text": text}, media)
 
 
 def _eval(task: str, label: int, answer: str | None = None, prompt_word: str = "", **media):

@@ -8,7 +8,9 @@ the sources that are not installed.
 
 from __future__ import annotations
 
+import gzip
 import os
+import re
 import shutil
 import subprocess
 import unicodedata
@@ -18,37 +20,10 @@ import numpy as np
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SAMPLE_RATE = 8000  # every clip is written at telephone rate, like the real recordings
 ALLISON = "usr/share/asterisk/sounds/en_US_f_Allison"
+ALLISON_TRANSCRIPTS = "usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz"
 POCKETSPHINX = "usr/share/pocketsphinx/test/data"
 EMOJI_FONT = "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FORTUNES = "usr/share/games/fortunes"
-NATO = [
-    "alfa",
-    "bravo",
-    "charlie",
-    "delta",
-    "echo",
-    "foxtrot",
-    "golf",
-    "hotel",
-    "india",
-    "juliett",
-    "kilo",
-    "lima",
-    "mike",
-    "november",
-    "oscar",
-    "papa",
-    "quebec",
-    "romeo",
-    "sierra",
-    "tango",
-    "uniform",
-    "victor",
-    "whiskey",
-    "x-ray",
-    "yankee",
-    "zulu",
-]
 
 
 def handwritten_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -149,81 +124,35 @@ def save_wav(path: str, audio: np.ndarray) -> None:
     sf.write(path, audio / max(peak, 1.0), SAMPLE_RATE, subtype="PCM_16")
 
 
-def allison_words(root: str) -> list[tuple[str, str]]:
-    """(wav path, transcript) of the real Allison prompts whose file names are their words:
-    numbers, ordinals, weekdays, months, letters and the NATO alphabet."""
-    base = os.path.join(root, ALLISON)
-    numbers = [
-        "ten",
-        "eleven",
-        "twelve",
-        "thirteen",
-        "fourteen",
-        "fifteen",
-        "sixteen",
-        "seventeen",
-        "eighteen",
-        "nineteen",
-        "twenty",
-        "thirty",
-        "forty",
-        "fifty",
-        "sixty",
-        "seventy",
-        "eighty",
-        "ninety",
-    ]
-    files = [*range(10, 20), *range(20, 100, 10)]
-    ordinal = {
-        "one": "first",
-        "two": "second",
-        "three": "third",
-        "five": "fifth",
-        "eight": "eighth",
-        "nine": "ninth",
-        "twelve": "twelfth",
-    }
+def allison_prompts(root: str) -> list[tuple[str, str]]:
+    """(wav path, spoken text) of every real Allison prompt whose transcript (the package's
+    ``core-sounds-en.txt``) can be spelled as words, except the held-out digit words."""
+    listing = os.path.join(root, ALLISON_TRANSCRIPTS)
+    if not os.path.isfile(listing):
+        return []
+    with gzip.open(listing, "rt", encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    held_out = {f"digits/{d}" for d in range(10)}
     found = []
-    for name, word in zip(files, numbers, strict=True):
-        found.append((f"digits/{name}.wav", word))
-    for n in range(1, 10):
-        found.append((f"digits/h-{n}.wav", ordinal.get(DIGIT_WORDS[n], DIGIT_WORDS[n] + "th")))
-    days = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
-    months = [
-        "january",
-        "february",
-        "march",
-        "april",
-        "may",
-        "june",
-        "july",
-        "august",
-        "september",
-        "october",
-        "november",
-        "december",
-    ]
-    found += [(f"digits/day-{i}.wav", day) for i, day in enumerate(days)]
-    found += [(f"digits/mon-{i}.wav", month) for i, month in enumerate(months)]
-    for word in (
-        "hundred",
-        "thousand",
-        "million",
-        "billion",
-        "dollars",
-        "minus",
-        "today",
-        "tomorrow",
-        "yesterday",
-    ):
-        found.append((f"digits/{word}.wav", word))
-    found += [(f"letters/{chr(c)}.wav", chr(c)) for c in range(ord("a"), ord("z") + 1)]
-    found += [(f"phonetic/{chr(ord('a') + i)}_p.wav", word) for i, word in enumerate(NATO)]
-    return [
-        (os.path.join(base, path), text)
-        for path, text in found
-        if os.path.isfile(os.path.join(base, path))
-    ]
+    for line in lines:
+        name, colon, transcript = line.partition(":")
+        text = spoken_text(transcript)
+        path = os.path.join(root, ALLISON, name.strip() + ".wav")
+        if colon and text and name.strip() not in held_out and os.path.isfile(path):
+            found.append((path, text))
+    return found
+
+
+def spoken_text(transcript: str) -> str | None:
+    """A transcript as lower-case words ("Press 1, then *." -> "press one then star"), or
+    None where it is a note ("(1 second of silence)") or has a number read other than digit
+    by digit ("dial 500")."""
+    if "(" in transcript or re.search(r"\d\d", transcript):
+        return None
+    spelled = re.sub(r"\d", lambda m: f" {DIGIT_WORDS[int(m.group())]} ", transcript)
+    spelled = spelled.replace("*", " star ").replace("#", " pound ")
+    words = re.findall(r"[a-z]+(?:'[a-z]+)?", spelled.lower())
+    return " ".join(words) or None
 
 
 def allison_digits(root: str) -> list[tuple[str, int]]:
@@ -253,6 +182,9 @@ def pocketsphinx_utterances(root: str) -> list[tuple[str, str, int | None]]:
     goforward = os.path.join(base, "goforward.raw")
     if os.path.isfile(goforward):
         found.append((goforward, "go forward ten meters", 16000))
+    digits = os.path.join(base, "tidigits", "dhd.2934z.raw")
+    if os.path.isfile(digits):
+        found.append((digits, "two nine three four zero", 16000))
     return [item for item in found if os.path.isfile(item[0])]
 
 

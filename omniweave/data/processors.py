@@ -32,19 +32,23 @@ def tokenize_record(record: dict, tokenizer, max_seq_len: int) -> dict:
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     if record.get("text") is not None:
-        input_ids, labels = _tokenize_text(record["text"], tokenizer)
+        input_ids, labels = _tokenize_text(record.get("prompt", ""), record["text"], tokenizer)
     else:
         input_ids, labels = _tokenize_messages(record["messages"], tokenizer)
     return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len]}
 
 
-def _tokenize_text(text: str, tokenizer) -> tuple[list[int], list[int]]:
+def _tokenize_text(prompt: str, text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """``prompt`` (no labels) then ``text`` (labelled), as the tokenizer would split them."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; text records need one")
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompt + text, add_special_tokens=True)["input_ids"]
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
-    return ids, list(ids)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the end of 'prompt' and the start of 'text' merge into one token")
+    return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
 
 
 def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
@@ -81,8 +85,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
     """A text record with ``<modality>`` markers (``omni``: an ``OmniParts``). An encoder's
     marker becomes ``num_tokens(item)`` placeholder ids (never labels); a decoder's marker
-    becomes the item's own tokens (``lm_encode``), which are labels. Returns ``input_ids``,
-    ``labels`` and the encoders' ``media`` tensors."""
+    becomes the item's own tokens (``lm_encode``), which are labels unless in the record's
+    ``prompt``. Returns ``input_ids``, ``labels`` and the encoders' ``media`` tensors."""
     from omniweave.data.media import load_item
 
     parts = {**omni.encoders, **omni.decoders}
@@ -91,27 +95,34 @@ def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
     if unknown:
         raise ValueError(f"media of unknown modality {unknown}; the model has {sorted(parts)}")
     items = {m: [load_item(parts[m], base_dir, p) for p in paths.get(m, [])] for m in parts}
-    pieces = re.split("<(" + "|".join(map(re.escape, parts)) + ")>", record["text"])
+    segments = [(piece, False) for piece in _segments(record.get("prompt", ""), parts)]
+    segments += [(piece, True) for piece in _segments(record["text"], parts)]
     ids, labels, used = [], [], dict.fromkeys(parts, 0)
-    for index, piece in enumerate(pieces):
-        if index % 2 == 0:
-            text = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            ids, labels = ids + text, labels + text
-            continue
-        if used[piece] == len(items[piece]):
-            raise ValueError(f"more <{piece}> markers than media files ({len(items[piece])})")
-        item = items[piece][used[piece]]
-        used[piece] += 1
-        if piece in omni.decoders:
-            tokens = omni.decoders[piece].lm_encode([item])[0]
-            ids, labels = ids + tokens, labels + tokens
+    for (piece, modality), labelled in segments:
+        if modality is None:
+            tokens = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        elif used[modality] == len(items[modality]):
+            raise ValueError(f"more <{modality}> markers than media files ({len(items[modality])})")
         else:
-            count = omni.encoders[piece].num_tokens(item)
-            ids += [omni.placeholders[piece]] * count
-            labels += [IGNORE_INDEX] * count
+            item = items[modality][used[modality]]
+            used[modality] += 1
+            if modality in omni.encoders:
+                count = omni.encoders[modality].num_tokens(item)
+                ids += [omni.placeholders[modality]] * count
+                labels += [IGNORE_INDEX] * count
+                continue
+            tokens = omni.decoders[modality].lm_encode([item])[0]
+        ids += tokens
+        labels += tokens if labelled else [IGNORE_INDEX] * len(tokens)
     unused = [m for m in parts if used[m] != len(items[m])]
     if unused:
         raise ValueError(f"media without a <marker> in the text: {unused}")
     ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
     media = {m: items[m] for m in omni.encoders}
     return {"input_ids": ids, "labels": labels, "media": media}
+
+
+def _segments(text: str, modalities) -> list[tuple[str, str | None]]:
+    """``text`` cut at its ``<modality>`` markers: (text, None) and ("", modality) pieces."""
+    pieces = re.split("<(" + "|".join(map(re.escape, modalities)) + ")>", text)
+    return [("", piece) if index % 2 else (piece, None) for index, piece in enumerate(pieces)]

@@ -65,6 +65,8 @@ def validate_record(record: Any) -> str | None:
     if text is not None:
         if not isinstance(text, str):
             return f"'text' must be a string, got {type(text).__name__}"
+        if not isinstance(record.get("prompt", ""), str):
+            return f"'prompt' must be a string, got {type(record['prompt']).__name__}"
         return None if text.strip() else "'text' is empty"
     if messages is not None:
         return _validate_messages(messages)
@@ -72,9 +74,9 @@ def validate_record(record: Any) -> str | None:
 
 
 def record_texts(record: dict) -> list[str]:
-    """The raw strings of a valid record: its text, or each message's content."""
+    """The raw strings of a valid record: its prompt and text, or each message's content."""
     if record.get("text") is not None:
-        return [record["text"]]
+        return [record.get("prompt", "") + record["text"]]
     return [message["content"] for message in record["messages"]]
 
 
