@@ -118,8 +118,9 @@ def test_moe_expert_parallel_matches_unsharded_reference(corpus, tmp_path):
         assert row["aux_loss"] > 0 and row["expert_load_max_over_mean"] >= 1.0
 
 
-def _dispatch(grouped: bool) -> dict:
-    """Rank 1 routes nothing to rank 0's experts, and expert 3 gets no token at all."""
+def _dispatch(grouped: bool, starve_rank0: bool = False) -> dict:
+    """Rank 1 routes nothing to rank 0's experts, and expert 3 gets no token at all;
+    ``starve_rank0``: neither rank does, so rank 0's experts receive no rows."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -131,7 +132,7 @@ def _dispatch(grouped: bool) -> dict:
     generator = torch.Generator().manual_seed(rank)
     hidden = torch.randn(6, 64, generator=generator, requires_grad=True)
     index = torch.tensor([[0, 1], [2, 5], [1, 7], [6, 0], [2, 4], [5, 6]])
-    if rank == 1:
+    if rank == 1 or starve_rank0:
         index = torch.tensor([[4, 5], [6, 7], [5, 4], [7, 6], [4, 6], [5, 7]])
     weights = torch.rand(6, 2, generator=generator)
     reference = experts(hidden, index, weights)  # unsharded: all 8 experts here
@@ -157,6 +158,15 @@ def test_dispatch_equals_unsharded_experts_with_empty_experts(grouped):
     for result in run_distributed(_dispatch, 2, grouped):
         assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
         assert result["expert_grad"] > 0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dispatch_when_a_rank_receives_no_tokens(grouped):
+    """The starved rank still runs the backward all-to-all its peer waits in (it hung)."""
+    starved, busy = run_distributed(_dispatch, 2, grouped, True, timeout=150)
+    for result in (starved, busy):
+        assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
+    assert starved["expert_grad"] == 0 and busy["expert_grad"] > 0
 
 
 def _reshard(model_path: str, corpus: dict, root: str) -> dict[str, tuple[float, float]]:

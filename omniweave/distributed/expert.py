@@ -74,11 +74,12 @@ def local_experts(
         gate, up = F.grouped_mm(hidden, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         return F.grouped_mm(act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
     outputs = []
+    # Experts without rows run too: a rank that receives no tokens must still reach the
+    # dispatch all-to-all in backward, as its EP peers do (else they wait on it forever).
     for expert, rows in enumerate(hidden.split(counts.tolist())):
-        if rows.shape[0]:
-            gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(act_fn(gate) * up, down[expert]))
-    return torch.cat(outputs) if outputs else hidden.new_zeros((0, down.shape[1]))
+        gate, up = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(act_fn(gate) * up, down[expert]))
+    return torch.cat(outputs)
 
 
 def make_experts_forward(group, grouped: bool = False):
