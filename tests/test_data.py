@@ -84,6 +84,10 @@ BAD_LINES = {
     "empty text": ('{"text": "  "}', "'text' is empty"),
     "text not a string": ('{"text": 5}', "'text' must be a string"),
     "prompt not a string": ('{"prompt": 1, "text": "a"}', "'prompt' must be a string"),
+    "prompt with messages": (
+        json.dumps({"prompt": "a", "messages": CHAT}),
+        "'prompt' goes with 'text'",
+    ),
     "both": (json.dumps({"text": "a", "messages": CHAT}), "has both"),
     "empty messages": ('{"messages": []}', "non-empty list"),
     "messages not a list": ('{"messages": "hi"}', "non-empty list"),

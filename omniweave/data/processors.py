@@ -46,6 +46,8 @@ def _tokenize_text(prompt: str, text: str, tokenizer) -> tuple[list[int], list[i
     if not ids or ids[-1] != tokenizer.eos_token_id:
         ids = ids + [tokenizer.eos_token_id]
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+    if prompt_ids[-1:] == [tokenizer.eos_token_id]:  # a tokenizer that ends every text
+        prompt_ids = prompt_ids[:-1]
     if ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("the end of 'prompt' and the start of 'text' merge into one token")
     return ids, [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]

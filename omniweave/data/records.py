@@ -69,6 +69,8 @@ def validate_record(record: Any) -> str | None:
             return f"'prompt' must be a string, got {type(record['prompt']).__name__}"
         return None if text.strip() else "'text' is empty"
     if messages is not None:
+        if "prompt" in record:
+            return "'prompt' goes with 'text'; in 'messages', the user turns are the prompt"
         return _validate_messages(messages)
     return "needs a 'text' string or a 'messages' list"
 
