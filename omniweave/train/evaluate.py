@@ -8,7 +8,6 @@ Writes ``RUN/eval.json`` and ``RUN/generated.png`` (the drawn digits).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -22,7 +21,7 @@ from omniweave.data.demo import EVAL_DIGITS
 from omniweave.data.demo_sources import DIGIT_WORDS, handwritten_digits
 from omniweave.data.processors import load_tokenizer, tokenize_multimodal
 from omniweave.models.loader import load_hf_config
-from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders
+from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
 from omniweave.models.weights import load_full_weights
 
 
@@ -30,8 +29,7 @@ def load_trained(run: str) -> tuple[OmniModel, OmniParts, object]:
     """The run's OmniModel (unsharded, eval mode) with its final weights, and its tokenizer."""
     cfg = load_config(os.path.join(run, "config.yaml"))
     omni = cfg.model.omni
-    for module in omni.get("plugins", []):
-        importlib.import_module(module)
+    import_plugins(omni)
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, "sdpa")
     foundation = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model = OmniModel.from_config(foundation, omni["encoders"])

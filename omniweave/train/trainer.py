@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -34,7 +33,12 @@ from omniweave.distributed.ulysses import (
     split_sequence_inputs,
 )
 from omniweave.models.loader import build_model, load_hf_config
-from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
+from omniweave.models.omni.model import (
+    OmniParts,
+    build_decoders,
+    build_encoders,
+    import_plugins,
+)
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
 from omniweave.train.metrics import (
@@ -97,8 +101,7 @@ class Trainer:
         omni = cfg.model.omni
         self.omni_parts = None
         if omni:
-            for module in omni.get("plugins", []):  # modules that register encoder classes
-                importlib.import_module(module)
+            import_plugins(omni)
             text_config = hf_config.get_text_config()
             with torch.device("meta"):  # encoders: only token counts and file formats needed
                 encoders = build_encoders(text_config.hidden_size, omni["encoders"])

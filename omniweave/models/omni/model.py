@@ -9,6 +9,7 @@ sequence and the decoder stack receives only this rank's slice
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,12 @@ class OmniParts:
     encoders: dict[str, nn.Module]
     placeholders: dict[str, int]
     decoders: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def import_plugins(omni: dict) -> None:
+    """Import the modules of ``model.omni.plugins`` (they register encoder classes)."""
+    for module in omni.get("plugins", []):
+        importlib.import_module(module)
 
 
 def build_decoders(lm_hidden: int, vocab_size: int, decoders: dict[str, dict]) -> dict:
