@@ -93,7 +93,7 @@ class CheckpointConfig:
     """Periodic DCP checkpoints and resuming."""
 
     every_steps: int = _opt(0, ge=0)  # 0 = no periodic checkpoints
-    resume: str = "none"
+    resume: str = "auto"  # auto: the run's latest checkpoint if any; none; or a folder
     async_save: bool = _opt(False, key="async")  # `async` is a Python keyword
     keep_last: int = _opt(3, ge=0)
 

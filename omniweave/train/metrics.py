@@ -83,18 +83,26 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricsWriter:
-    """Writes one JSON line (and TensorBoard scalars) per logged step; plots loss at the end."""
+    """Writes one JSON line (and TensorBoard scalars) per logged step; plots loss at the end.
+    A run resumed at ``start_step`` keeps the rows up to that step and drops the later ones
+    (steps a crash interrupted, which are trained again)."""
 
-    def __init__(self, output_dir: str, tensorboard: bool = True):
+    def __init__(self, output_dir: str, tensorboard: bool = True, start_step: int = 0):
         self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.rows: list[dict] = []
+        if start_step and os.path.isfile(self.path):
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self.rows = [row for row in rows if row["step"] <= start_step]
         self._file = open(self.path, "w")  # noqa: SIM115 - open for the whole run
+        self._file.writelines(json.dumps(row) + "\n" for row in self.rows)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            folder = os.path.join(output_dir, "tensorboard")
+            self._tb = SummaryWriter(folder, purge_step=start_step + 1 if start_step else None)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)

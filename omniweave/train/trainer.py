@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 import warnings
 from typing import Any
@@ -41,6 +42,7 @@ from omniweave.models.omni.model import (
 )
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
+from omniweave.train.checkpoint import Checkpointer, resolve_resume
 from omniweave.train.metrics import (
     MetricsWriter,
     device_peak_flops,
@@ -51,23 +53,12 @@ from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_no
 from omniweave.train.router import RouterLoss, is_moe
 
 
-def check_supported(cfg: Config) -> None:
-    """Refuse settings whose behaviour has not landed yet instead of ignoring them."""
-    pending = {
-        "checkpoint.every_steps / resume (issue 6)": cfg.checkpoint.every_steps > 0
-        or cfg.checkpoint.resume != "none",
-    }
-    asked = [name for name, used in pending.items() if used]
-    if asked:
-        raise ValueError(f"Not implemented yet: {', '.join(asked)}; remove these settings.")
-
-
 def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
     p = cfg.parallel
     degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
-    check_supported(cfg)
     check_backend(cfg.model.attn_implementation)
+    resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
     check_heads(hf_config, degrees.sp)
     check_experts(hf_config, degrees.ep)
@@ -179,7 +170,30 @@ class Trainer:
         )
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
-        self.tokens_seen = 0
+        self.tokens_seen, self.start_step = 0, 0
+        c = cfg.checkpoint
+        resume = resolve_resume(c.resume, t.output_dir)
+        self.checkpointer = None
+        if c.every_steps or resume:
+            self.checkpointer = Checkpointer(
+                t.output_dir, self.model, self.optimizer, c.keep_last, c.async_save
+            )
+        if resume:
+            self._resume(resume)
+
+    def _resume(self, path: str) -> None:
+        state = self.checkpointer.load(path)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        self.start_step, self.tokens_seen = state["step"], state["tokens"]
+        if self.is_main:
+            print(f"omniweave: resumed from {path} at step {self.start_step}")
+
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint the state after ``step`` optimizer steps."""
+        data = {**self.batches.state_dict(), "step": step}
+        state = {"tokens": self.tokens_seen, "scheduler": self.scheduler.state_dict(), "data": data}
+        self.checkpointer.save(step, state)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over this rank's micro-batches; returns global figures."""
@@ -311,7 +325,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(out, exist_ok=True)
             save_config(self.cfg, os.path.join(out, "config.yaml"))
-            writer = MetricsWriter(out, self.cfg.log.tensorboard)
+            writer = MetricsWriter(out, self.cfg.log.tensorboard, self.start_step)
             print(
                 f"omniweave: {self.state.describe()}; {len(self.samples)} samples; "
                 f"{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters"
@@ -326,20 +340,25 @@ class Trainer:
             if len(self.skipped) > 5:
                 print(f"  ... and {len(self.skipped) - 5} more skipped samples")
         bar = tqdm(
+            initial=self.start_step,
             total=t.max_steps,
             disable=not (self.is_main and self.cfg.log.progress),
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line per 30 s
         )
         rows = []
-        for step in range(t.max_steps):
+        every = self.cfg.checkpoint.every_steps
+        for step in range(self.start_step, t.max_steps):
             start = time.perf_counter()
             result = self.train_step(step)
             elapsed = time.perf_counter() - start
             self.tokens_seen += result["step_tokens"]
             tokens_per_s = result["step_tokens"] / elapsed
             bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.set_postfix(
+                loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
             if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
                 row = {
                     "step": step + 1,
@@ -365,7 +384,11 @@ class Trainer:
                     print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
                 if writer:
                     writer.log(row)
+            if every and ((step + 1) % every == 0 or step + 1 == t.max_steps):
+                self.save_checkpoint(step + 1)
         bar.close()
+        if self.checkpointer:
+            self.checkpointer.finish()
         final = None
         if t.save_final:
             final = save_full_weights(self.model, os.path.join(out, "final"), self.is_main)
