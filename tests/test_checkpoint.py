@@ -86,6 +86,7 @@ def test_resume_on_another_layout(corpus, tmp_path, model, first, then, procs):
 @pytest.mark.parametrize("before,after", [(4, 2), (2, 4), (4, 1)])
 def test_each_sample_once_per_epoch_across_a_change_of_data_parallel_size(before, after):
     """Steps 0-2 at ``before`` data-parallel ranks, the rest of the epoch at ``after``."""
+
     def sampler(ranks: int, rank: int) -> GlobalBatchSampler:
         return GlobalBatchSampler(64, 8, 2, ranks, rank, seed=3, shuffle=True)
 
