@@ -59,7 +59,10 @@ def _straight_and_resumed(corpus, root, model, first: dict, then: dict, procs=(4
 
 @pytest.mark.parametrize(
     "model,layout",
-    [("qwen2", {"parallel.dp_shard": 2, "parallel.sp": 2}), ("qwen3_moe", {"parallel.ep": 2})],
+    [
+        ("qwen2", {"parallel.dp_shard": 2, "parallel.sp": 2}),
+        ("qwen3_moe", {"parallel.ep": 2, "checkpoint.async": True}),
+    ],
 )
 def test_resume_on_the_same_layout_is_exact(corpus, tmp_path, model, layout):
     straight, resumed = _straight_and_resumed(corpus, tmp_path, model, layout, layout)
