@@ -20,6 +20,8 @@ def _fail(message: str) -> int:
 def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
+        if args.max_restarts and not args.nproc:
+            raise ValueError("--max-restarts restarts torchrun's workers: give --nproc N too.")
         if args.nproc:
             return _launch(args, overrides, cfg)
         from omniweave.train.trainer import Trainer
@@ -41,6 +43,7 @@ def _launch(args: argparse.Namespace, overrides: list[str], cfg) -> int:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={args.nproc}",
+        f"--max-restarts={args.max_restarts}",
         "-m",
         "omniweave.cli",
         "train",
@@ -72,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML config file")
     train.add_argument("--nproc", type=int, default=0, help="start torchrun with N local processes")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart all workers up to K times when one fails; each restart resumes from "
+        "checkpoints/latest (with checkpoint.every_steps and checkpoint.resume: auto)",
+    )
     evaluate = commands.add_parser(
         "eval", help="score a trained OmniModel on the held-out prompts of a demo data set"
     )
@@ -79,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="folder written by `omniweave data build-demo`")
     evaluate.set_defaults(func=_evaluate)
     from omniweave.data.commands import register
+    from omniweave.train.export_command import register as register_export
 
     register(commands)
+    register_export(commands)
     return parser
 
 

@@ -1,0 +1,134 @@
+"""Faults: a rank killed mid-run under ``--max-restarts`` comes back and the run ends as the
+uninterrupted one; a job killed while a checkpoint is being written keeps ``latest``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import yaml
+
+from omniweave.train.checkpoint import resolve_resume
+from tests.models import TINY
+
+STEPS = 30
+
+
+def _config(tmp_path, corpus, name: str, **checkpoint) -> str:
+    config = {
+        "model": {"config": TINY["qwen2"]},
+        "data": {**corpus, "max_seq_len": 64},
+        "parallel": {"dp_shard": 2},
+        "train": {
+            "output_dir": str(tmp_path / name),
+            "max_steps": STEPS,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 3e-3,
+            "lr_schedule": "cosine",
+            "warmup_steps": 2,
+            "log_every": 1,
+            "peak_flops": 1e12,
+        },
+        "checkpoint": {"every_steps": 5, **checkpoint},
+        "log": {"progress": False, "tensorboard": False, "plot": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _losses(run: str) -> list[float]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    return [row["loss"] for row in rows]
+
+
+def _train(config: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "omniweave.cli", "train", config, "--nproc", "2", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _worker(config: str, rank: int) -> int:
+    """The pid of the torchrun worker of ``rank`` training ``config``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if config.encode() in args and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} worker of {config}")
+
+
+def test_killed_rank_restarts_and_resumes(tmp_path, corpus):
+    straight = _train(_config(tmp_path, corpus, "straight"))
+    output, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, output
+    config = _config(tmp_path, corpus, "killed")
+    job = _train(config, "--max-restarts", "1")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 7):
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.05)
+    os.kill(_worker(config, 1), signal.SIGKILL)
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output
+    assert "resumed from" in output and "step_00000005" in output, output
+    assert _losses(str(tmp_path / "killed")) == _losses(str(tmp_path / "straight"))
+
+
+ONE_PROCESS = "--parallel.dp_shard=1"
+KILL_DURING_SAVE = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+from omniweave.cli import main
+
+save = dcp.save
+def save_then_die(state, checkpoint_id, **kwargs):
+    save(state, checkpoint_id=checkpoint_id, **kwargs)
+    if "step_00000010" in str(checkpoint_id):  # written, not yet renamed nor in `latest`
+        os.kill(os.getpid(), signal.SIGKILL)
+dcp.save = save_then_die
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus):
+    config = _config(tmp_path, corpus, "run")
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(textwrap.dedent(KILL_DURING_SAVE))
+    killed = subprocess.run(
+        [sys.executable, str(script), config, ONE_PROCESS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run / "checkpoints")) == [
+        "latest",
+        "step_00000005",
+        "step_00000010.tmp",
+    ]
+    assert resolve_resume("auto", str(run)).endswith("step_00000005")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "omniweave.cli", "train", config, ONE_PROCESS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
+    assert len(_losses(str(run))) == STEPS
+    assert not (run / "checkpoints" / "step_00000010.tmp").exists()
