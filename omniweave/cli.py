@@ -24,9 +24,15 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ValueError("--max-restarts restarts torchrun's workers: give --nproc N too.")
         if args.nproc:
             return _launch(args, overrides, cfg)
-        from omniweave.train.trainer import Trainer
 
-        Trainer(cfg).run()
+        from omniweave.train.trainer import Trainer, TrainingStopped
+
+        try:
+            Trainer(cfg).run()
+        except TrainingStopped as stopped:
+            if os.environ.get("RANK", "0") == "0":
+                print(stopped, file=sys.stderr)
+            return stopped.exit_code
     except ValueError as error:  # ConfigError included: user mistakes, one paragraph each
         return _fail(str(error))
     return 0

@@ -4,6 +4,7 @@ uninterrupted one; a job killed while a checkpoint is being written keeps ``late
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import torch
 import yaml
 
 from omniweave.train.checkpoint import resolve_resume
@@ -43,10 +45,10 @@ def _config(tmp_path, corpus, name: str, **checkpoint) -> str:
     return str(path)
 
 
-def _losses(run: str) -> list[float]:
+def _losses(run: str, steps: int = STEPS) -> list[float]:
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
     return [row["loss"] for row in rows]
 
 
@@ -132,3 +134,91 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, corpus):
     assert "resumed from" in resumed.stdout and "step_00000005" in resumed.stdout
     assert len(_losses(str(run))) == STEPS
     assert not (run / "checkpoints" / "step_00000010.tmp").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, corpus):
+    one = ["--parallel.dp_shard=1", "--train.max_steps=200"]
+    straight = subprocess.run(
+        [sys.executable, "-m", "omniweave.cli", "train", _config(tmp_path, corpus, "a"), *one],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr
+    config = _config(tmp_path, corpus, "b")
+    command = [sys.executable, "-m", "omniweave.cli", "train", config, *one]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert job.poll() is None, job.stderr.read()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    _, error = job.communicate(timeout=600)
+    assert job.returncode == 128 + signal.SIGTERM, error
+    assert "stopped by SIGTERM" in error
+    stopped_at = resolve_resume("auto", str(tmp_path / "b"))
+    assert not stopped_at.endswith("step_00000200")  # stopped early, on a step of its own
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {stopped_at}" in resumed.stdout
+    assert _losses(str(tmp_path / "b"), 200) == _losses(str(tmp_path / "a"), 200)
+
+
+def _poisoned_run(args: list[str], poisoned: set[int]) -> tuple[str | None, dict, list[dict]]:
+    """Train with a NaN loss at the ``poisoned`` steps (0-based); returns the stop message,
+    the full weights at the end and the metrics rows."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from omniweave.config import load_config
+    from omniweave.train.trainer import Trainer, TrainingStopped
+
+    trainer = Trainer(load_config(None, args))
+    token_loss, train_step, current = trainer._token_loss, trainer.train_step, [0]
+
+    def step(index: int) -> dict:
+        current[0] = index
+        return train_step(index)
+
+    def loss(batch):
+        losses, targets, router_logits = token_loss(batch)
+        return losses * (float("nan") if current[0] in poisoned else 1.0), targets, router_logits
+
+    trainer.train_step, trainer._token_loss = step, loss
+    try:
+        trainer.run()
+        stopped = None
+    except TrainingStopped as error:
+        stopped = str(error)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(trainer.model, options=options)
+    with open(os.path.join(trainer.cfg.train.output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return stopped, weights, rows
+
+
+def _overrides(tmp_path, corpus, name: str, **settings) -> list[str]:
+    with open(_config(tmp_path, corpus, name)) as f:
+        config = yaml.safe_load(f)
+    flat = {
+        f"{section}.{key}": value for section, keys in config.items() for key, value in keys.items()
+    }
+    flat.update({"train.lr_schedule": "constant", "train.warmup_steps": 0, **settings})
+    return [f"--{key}={json.dumps(value)}" for key, value in flat.items()]
+
+
+def test_nan_steps_are_skipped_and_too_many_stop_the_run_with_a_good_checkpoint(tmp_path, corpus):
+    from tests.distributed import run_distributed
+
+    two_steps = _overrides(tmp_path, corpus, "clean", **{"train.max_steps": 2})
+    (_, reference, _) = run_distributed(_poisoned_run, 2, two_steps, set())[0]
+    stops = _overrides(tmp_path, corpus, "stops", **{"train.max_bad_steps": 2})
+    stopped, weights, rows = run_distributed(_poisoned_run, 2, stops, {2, 3})[0]
+    assert "2 steps in a row had a NaN/Inf loss" in stopped and "step_00000004" in stopped
+    assert [row["skipped_steps"] for row in rows] == [0, 0, 1, 2]
+    assert all(math.isnan(row["loss"]) == (row["step"] in (3, 4)) for row in rows)
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[name], reference[name]) for name in reference)
+    assert resolve_resume("auto", str(tmp_path / "stops")).endswith("step_00000004")
+    goes_on = _overrides(tmp_path, corpus, "goes_on", **{"train.max_steps": 6})
+    stopped, _, rows = run_distributed(_poisoned_run, 2, goes_on, {1})[0]
+    assert stopped is None and rows[-1]["skipped_steps"] == 1 and len(rows) == 6

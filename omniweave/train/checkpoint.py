@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 LATEST = "latest"
 
@@ -72,8 +77,9 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo")
         self.pending: tuple[Future, str] | None = None
 
-    def save(self, step: int, trainer_state: dict) -> None:
-        """Start writing the checkpoint of ``step`` (finished first: the previous async one)."""
+    def save(self, step: int, trainer_state: dict) -> str:
+        """Start writing the checkpoint of ``step`` (finished first: the previous async one);
+        returns the folder it will have once complete."""
         self.finish()
         staging = os.path.join(self.folder, step_name(step) + ".tmp")
         if self.rank == 0:
@@ -91,6 +97,7 @@ class Checkpointer:
         else:
             dcp.save(state, checkpoint_id=staging, process_group=self.group)
             self._complete(staging)
+        return staging.removesuffix(".tmp")
 
     def finish(self) -> None:
         """Wait for an async save in flight, then complete it."""
@@ -126,9 +133,16 @@ class Checkpointer:
 
     def load(self, path: str) -> dict:
         """Load ``path`` into the model and optimizer (resharded to this layout); returns its
-        trainer state. RNG states come back where the world size is unchanged."""
+        trainer state. RNG states come back where the world size is unchanged. A model-only
+        checkpoint (an imported HF folder) loads the weights alone."""
         with open(os.path.join(path, "trainer.json")) as f:
             trainer_state = json.load(f)
+        if trainer_state.get("model_only"):  # `omniweave export --format dcp`: weights only
+            # (get_state_dict with the optimizer would initialise Adam's state by a step)
+            model_state = get_model_state_dict(self.model)
+            dcp.load({"model": model_state}, checkpoint_id=path, process_group=self.group)
+            set_model_state_dict(self.model, model_state)
+            return trainer_state
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=path, process_group=self.group)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -43,6 +45,7 @@ from omniweave.models.omni.model import (
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
 from omniweave.train.checkpoint import Checkpointer, resolve_resume
+from omniweave.train.export import export_live
 from omniweave.train.metrics import (
     MetricsWriter,
     device_peak_flops,
@@ -171,29 +174,43 @@ class Trainer:
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.tokens_seen, self.start_step = 0, 0
-        c = cfg.checkpoint
-        resume = resolve_resume(c.resume, t.output_dir)
+        self.bad_steps, self.bad_in_a_row, self.preempted = 0, 0, False
         self.checkpointer = None
-        if c.every_steps or resume:
-            self.checkpointer = Checkpointer(
-                t.output_dir, self.model, self.optimizer, c.keep_last, c.async_save
-            )
+        resume = resolve_resume(cfg.checkpoint.resume, t.output_dir)
         if resume:
             self._resume(resume)
 
+    def _checkpointer(self) -> Checkpointer:
+        if self.checkpointer is None:  # collective (a process group): every rank at once
+            c = self.cfg.checkpoint
+            self.checkpointer = Checkpointer(
+                self.cfg.train.output_dir, self.model, self.optimizer, c.keep_last, c.async_save
+            )
+        return self.checkpointer
+
     def _resume(self, path: str) -> None:
-        state = self.checkpointer.load(path)
+        state = self._checkpointer().load(path)
+        if state.get("model_only"):  # warm start: new optimizer, schedule and data order
+            if self.is_main:
+                print(f"omniweave: warm start from the weights of {path}")
+            return
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.start_step, self.tokens_seen = state["step"], state["tokens"]
+        self.bad_steps = state["bad_steps"]
         if self.is_main:
             print(f"omniweave: resumed from {path} at step {self.start_step}")
 
-    def save_checkpoint(self, step: int) -> None:
-        """Checkpoint the state after ``step`` optimizer steps."""
+    def save_checkpoint(self, step: int) -> str:
+        """Checkpoint the state after ``step`` optimizer steps; returns its folder."""
         data = {**self.batches.state_dict(), "step": step}
-        state = {"tokens": self.tokens_seen, "scheduler": self.scheduler.state_dict(), "data": data}
-        self.checkpointer.save(step, state)
+        state = {
+            "tokens": self.tokens_seen,
+            "bad_steps": self.bad_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "data": data,
+        }
+        return self._checkpointer().save(step, state)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over this rank's micro-batches; returns global figures."""
@@ -245,11 +262,14 @@ class Trainer:
             loss.backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
+        dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
+        # Both figures are global, so every rank takes the same decision.
+        bad = not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss_sum)))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if not bad:  # a NaN/Inf step leaves the weights and optimizer state as they were
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         per_modality = {}
         if self.output_ranges:  # text and each output modality's own token-mean loss
             dist.all_reduce(output_sums, group=self.state.loss_mesh.get_group())
@@ -275,6 +295,7 @@ class Trainer:
             **per_modality,
             "loss": float(loss_sum) / label_tokens + coefficient * aux_sum,
             "grad_norm": float(grad_norm),
+            "bad": bad,
             "lr": lr,
             "step_tokens": int(input_tokens),
             "non_padding": input_tokens / row_tokens,
@@ -349,11 +370,15 @@ class Trainer:
         )
         rows = []
         every = self.cfg.checkpoint.every_steps
+        stop = None
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         for step in range(self.start_step, t.max_steps):
             start = time.perf_counter()
             result = self.train_step(step)
             elapsed = time.perf_counter() - start
             self.tokens_seen += result["step_tokens"]
+            self.bad_steps += result["bad"]
+            self.bad_in_a_row = self.bad_in_a_row + 1 if result["bad"] else 0
             tokens_per_s = result["step_tokens"] / elapsed
             bar.update(1)
             bar.set_postfix(
@@ -373,6 +398,7 @@ class Trainer:
                     "samples_truncated": self.sample_counts["truncated"],
                     "samples_dropped": self.sample_counts["dropped_overlong"],
                     "samples_skipped_bad": self.sample_counts["skipped_bad"],
+                    "skipped_steps": self.bad_steps,
                 }
                 row.update(
                     (key, value)
@@ -384,14 +410,28 @@ class Trainer:
                     print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
                 if writer:
                     writer.log(row)
-            if every and ((step + 1) % every == 0 or step + 1 == t.max_steps):
-                self.save_checkpoint(step + 1)
+            stop = self._stop_reason()
+            if stop or every and ((step + 1) % every == 0 or step + 1 == t.max_steps):
+                saved = self.save_checkpoint(step + 1)
+            if stop:
+                stop = TrainingStopped(f"{stop[1]} Checkpoint of step {step + 1}: {saved}", stop[0])
+                break
+        signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         if self.checkpointer:
             self.checkpointer.finish()
-        final = None
+        if stop:
+            if writer:
+                writer.close(self.cfg.log.plot)
+            raise stop
+        final = hf = None
         if t.save_final:
             final = save_full_weights(self.model, os.path.join(out, "final"), self.is_main)
+        if t.export_hf_at_end:
+            hf = os.path.join(out, "hf")
+            export_live(
+                self.model, self.hf_config, self.tokenizer, hf, self.is_main, self.cfg.model.omni
+            )
         if writer:
             plot = writer.close(self.cfg.log.plot)
             print(f"omniweave: outputs in {os.path.abspath(out)}")
@@ -400,7 +440,27 @@ class Trainer:
                 print(f"  loss plot: {plot}")
             if final:
                 print(f"  weights: {final}")
+            if hf:
+                print(f"  Hugging Face export: {hf}")
         return rows
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.preempted = True  # acted on after the current step, by every rank together
+
+    def _stop_reason(self) -> tuple[int, str] | None:
+        """(exit code, why) when the run must stop after this step, the same on every rank."""
+        t = self.cfg.train
+        if t.max_bad_steps and self.bad_in_a_row >= t.max_bad_steps:
+            return 1, (
+                f"omniweave: stopped: {self.bad_in_a_row} steps in a row had a NaN/Inf loss or "
+                f"gradient norm (train.max_bad_steps={t.max_bad_steps}); their updates were "
+                "skipped, so the weights are those of the last good step."
+            )
+        preempted = torch.tensor(float(self.preempted), device=self.state.device)
+        dist.all_reduce(preempted, op=dist.ReduceOp.MAX)
+        if preempted:
+            return 128 + signal.SIGTERM, "omniweave: stopped by SIGTERM (preemption)."
+        return None
 
     def _measured_peak_flops(self) -> float:
         """Rank 0 measures (cached) while the others wait, so they don't compete for cores."""
@@ -416,6 +476,14 @@ class Trainer:
         peak = torch.tensor(peak_memory_gb(self.state.device), device=self.state.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return float(peak)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early with a checkpoint (SIGTERM, too many bad steps)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def quiet_this_rank() -> None:
