@@ -30,7 +30,7 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
         try:
             Trainer(cfg).run()
         except TrainingStopped as stopped:
-            if os.environ.get("RANK", "0") == "0":
+            if stopped.every_rank or os.environ.get("RANK", "0") == "0":
                 print(stopped, file=sys.stderr)
             return stopped.exit_code
     except ValueError as error:  # ConfigError included: user mistakes, one paragraph each

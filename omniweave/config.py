@@ -62,6 +62,7 @@ class ParallelConfig:
     ep: int = _opt(1, ge=1)
     grouped_experts: bool = False  # MoE experts as one grouped GEMM instead of a loop
     cpu_offload: bool = False
+    timeout_s: float = _opt(600.0, gt=0)  # a collective waiting longer is an error
 
 
 @dataclass

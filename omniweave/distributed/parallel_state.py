@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -112,6 +113,20 @@ def init_process_group(timeout_s: float = 600.0) -> None:
     )
     store = dist.PrefixStore(f"omniweave/attempt_{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def describe_timeout(error: BaseException) -> str | None:
+    """For a collective that timed out (gloo says only "recv"), which torch.distributed
+    operation it was and where OmniWeave called it; None for any other error."""
+    if "timed out" not in str(error).lower():
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if f"{os.sep}omniweave{os.sep}" in f.filename]
+    theirs = [f for f in frames if f"{os.sep}torch{os.sep}distributed{os.sep}" in f.filename]
+    operation = theirs[-1].name if theirs else "a collective"
+    if ours:
+        operation += f" (called from {ours[-1].filename}:{ours[-1].lineno} in {ours[-1].name})"
+    return operation
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import (
     Degrees,
     ParallelState,
+    describe_timeout,
     device_for_rank,
     init_process_group,
     resolve_degrees,
@@ -86,7 +87,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         degrees, hf_config, self.tokenizer = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        init_process_group()
+        init_process_group(cfg.parallel.timeout_s)
         self.state = ParallelState(degrees, device_for_rank(int(os.environ.get("LOCAL_RANK", "0"))))
         self.is_main = self.state.rank == 0
         if not (self.is_main or cfg.log.all_ranks):
@@ -374,7 +375,18 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         for step in range(self.start_step, t.max_steps):
             start = time.perf_counter()
-            result = self.train_step(step)
+            try:
+                result = self.train_step(step)
+            except RuntimeError as error:
+                operation = describe_timeout(error)
+                if operation is None:
+                    raise
+                message = (
+                    f"omniweave: rank {self.state.rank} waited more than parallel.timeout_s="
+                    f"{self.cfg.parallel.timeout_s:g} s at step {step + 1} in {operation}: "
+                    "another rank is hung or died (see its log); the last checkpoint is intact."
+                )
+                raise TrainingStopped(message, 1, every_rank=True) from error
             elapsed = time.perf_counter() - start
             self.tokens_seen += result["step_tokens"]
             self.bad_steps += result["bad"]
@@ -479,11 +491,12 @@ class Trainer:
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped early with a checkpoint (SIGTERM, too many bad steps)."""
+    """The run stopped early: SIGTERM or too many bad steps (after a checkpoint), or a
+    collective that timed out."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.every_rank = exit_code, every_rank
 
 
 def quiet_this_rank() -> None:
