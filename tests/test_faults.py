@@ -76,7 +76,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, corpus):
     straight = _train(_config(tmp_path, corpus, "straight"))
     output, _ = straight.communicate(timeout=600)
     assert straight.returncode == 0, output
-    config = _config(tmp_path, corpus, "killed")
+    config = _config(tmp_path, corpus, "killed", keep_last=2)
     job = _train(config, "--max-restarts", "1")
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -88,6 +88,8 @@ def test_killed_rank_restarts_and_resumes(tmp_path, corpus):
     assert job.returncode == 0, output
     assert "resumed from" in output and "step_00000005" in output, output
     assert _losses(str(tmp_path / "killed")) == _losses(str(tmp_path / "straight"))
+    kept = sorted(os.listdir(tmp_path / "killed" / "checkpoints"))
+    assert kept == ["latest", "step_00000025", "step_00000030"]  # checkpoint.keep_last: 2
 
 
 ONE_PROCESS = "--parallel.dp_shard=1"
