@@ -25,7 +25,8 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.nproc:
             return _launch(args, overrides, cfg)
 
-        from omniweave.train.trainer import Trainer, TrainingStopped
+        from omniweave.train.control import TrainingStopped
+        from omniweave.train.trainer import Trainer
 
         try:
             Trainer(cfg).run()

@@ -172,7 +172,8 @@ def _poisoned_run(args: list[str], poisoned: set[int]) -> tuple[str | None, dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from omniweave.config import load_config
-    from omniweave.train.trainer import Trainer, TrainingStopped
+    from omniweave.train.control import TrainingStopped
+    from omniweave.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, args))
     token_loss, train_step, current = trainer._token_loss, trainer.train_step, [0]

@@ -158,3 +158,20 @@ def test_placeholder_count_mismatch_is_a_clear_error():
     ids.remove(IMAGE)
     with pytest.raises(ValueError, match="image: 5 placeholder tokens but the encoder gave 6"):
         model(torch.tensor([ids]), sample["media"])
+
+
+def test_items_beyond_an_encoders_position_embeddings_are_refused():
+    from omniweave.models.omni.encoders import AudioEncoder, VideoEncoder, VisionEncoder
+
+    vision = VisionEncoder(8, width=8, depth=1, heads=2, patch=2, grid=4)
+    assert vision.num_tokens(torch.zeros(1, 8, 6)) == 12
+    with pytest.raises(ValueError, match="5 rows x columns of patches, it has position"):
+        vision.num_tokens(torch.zeros(1, 8, 10))
+    video = VideoEncoder(8, frames_per_patch=2, max_time=3, width=8, depth=1, heads=2, patch=2)
+    assert video.num_tokens(torch.zeros(6, 1, 4, 4)) == 12
+    with pytest.raises(ValueError, match="4 time steps"):
+        video.num_tokens(torch.zeros(8, 1, 4, 4))
+    audio = AudioEncoder(8, width=8, depth=1, heads=2, sample_rate=8000, hop=80)
+    assert audio.num_tokens(torch.zeros(8000)) == 26
+    with pytest.raises(ValueError, match="1501 audio positions"):
+        audio.num_tokens(torch.zeros(80 * 4 * 1500 + 1))

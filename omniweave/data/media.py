@@ -11,6 +11,8 @@ data file. A missing or unreadable file is an error naming the file and record.
 from __future__ import annotations
 
 import os
+import struct
+from contextlib import contextmanager
 
 import numpy as np
 import soundfile
@@ -21,7 +23,7 @@ def load_image(path: str, channels: int, patch: int) -> torch.Tensor:
     """``[channels, H, W]`` floats in [0, 1], cropped to multiples of ``patch``."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with _malformed_image(), Image.open(path) as image:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
     tensor = torch.from_numpy(_crop(array, patch) / 255.0)
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
@@ -32,12 +34,25 @@ def load_frames(path: str, channels: int, patch: int) -> torch.Tensor:
     from PIL import Image, ImageSequence
 
     frames = []
-    with Image.open(path) as clip:
+    with _malformed_image(), Image.open(path) as clip:
         for frame in ImageSequence.Iterator(clip):
             array = np.asarray(frame.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
             frames.append(_crop(array, patch))
     tensor = torch.from_numpy(np.stack(frames) / 255.0)
     return tensor.unsqueeze(1) if channels == 1 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
+@contextmanager
+def _malformed_image():
+    """Make a ValueError of what Pillow's parsers raise on a damaged file besides OSError
+    (``Image.open`` catches the same while identifying one) and of DecompressionBombError
+    (a header of over 179M pixels)."""
+    from PIL.Image import DecompressionBombError
+
+    try:
+        yield
+    except (SyntaxError, IndexError, struct.error, DecompressionBombError) as error:
+        raise ValueError(f"malformed image ({type(error).__name__}: {error})") from None
 
 
 def _crop(array: np.ndarray, patch: int) -> np.ndarray:

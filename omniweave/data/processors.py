@@ -110,6 +110,9 @@ def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
             used[modality] += 1
             if modality in omni.encoders:
                 count = omni.encoders[modality].num_tokens(item)
+                if not count:
+                    path = paths[modality][used[modality] - 1]
+                    raise ValueError(f"{path}: too small for the {modality} encoder (no tokens)")
                 ids += [omni.placeholders[modality]] * count
                 labels += [IGNORE_INDEX] * count
                 continue

@@ -41,7 +41,8 @@ def located_records(path: str, skip_bad: bool = False) -> tuple[list[tuple[str, 
         else:
             records.append((f"{where} {number}", record))
     if not records:
-        raise ValueError(f"{path}: no records")
+        first = f" ({len(skipped)} bad, the first: {skipped[0]})" if skipped else ""
+        raise ValueError(f"{path}: no records{first}")
     return records, skipped
 
 
@@ -99,22 +100,33 @@ def _validate_messages(messages: Any) -> str | None:
 
 
 def _read_jsonl(path: str) -> list[tuple[int, Any, str | None]]:
-    """(line number, parsed object, why it could not be parsed) per non-blank line."""
+    """(line number, parsed object, why it could not be parsed) per line that is not blank:
+    a blank line holds JSON whitespace only, so one of any other character is malformed."""
     rows = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                rows.append((number, None, "not valid UTF-8"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line), None))
-            except json.JSONDecodeError as e:
-                rows.append((number, None, f"invalid JSON ({e.msg})"))
+            if raw.strip(b" \t\r\n"):
+                rows.append((number, *_parse_line(raw)))
     return rows
+
+
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """The object of one JSONL line, or None and why it is not one."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    try:
+        record = json.loads(line)
+        if "\\u" in line:  # an escape may be a lone surrogate, which no text can hold
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg})"
+    except UnicodeEncodeError:
+        return None, "a \\u escape is a lone surrogate, not a character"
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, deep nesting
+        return None, f"invalid JSON ({e})"
+    return record, None
 
 
 def _read_parquet(path: str) -> list[dict]:

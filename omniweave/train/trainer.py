@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 import warnings
@@ -26,7 +25,6 @@ from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import (
     Degrees,
     ParallelState,
-    describe_timeout,
     device_for_rank,
     init_process_group,
     resolve_degrees,
@@ -46,6 +44,7 @@ from omniweave.models.omni.model import (
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
 from omniweave.train.checkpoint import Checkpointer, resolve_resume
+from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
 from omniweave.train.export import export_live
 from omniweave.train.metrics import (
     MetricsWriter,
@@ -175,7 +174,7 @@ class Trainer:
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.tokens_seen, self.start_step = 0, 0
-        self.bad_steps, self.bad_in_a_row, self.preempted = 0, 0, False
+        self.bad_steps = 0
         self.checkpointer = None
         resume = resolve_resume(cfg.checkpoint.resume, t.output_dir)
         if resume:
@@ -370,65 +369,12 @@ class Trainer:
             mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line per 30 s
         )
         rows = []
-        every = self.cfg.checkpoint.every_steps
         stop = None
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        for step in range(self.start_step, t.max_steps):
-            start = time.perf_counter()
-            try:
-                result = self.train_step(step)
-            except RuntimeError as error:
-                operation = describe_timeout(error)
-                if operation is None:
-                    raise
-                message = (
-                    f"omniweave: rank {self.state.rank} waited more than parallel.timeout_s="
-                    f"{self.cfg.parallel.timeout_s:g} s at step {step + 1} in {operation}: "
-                    "another rank is hung or died (see its log); the last checkpoint is intact."
-                )
-                raise TrainingStopped(message, 1, every_rank=True) from error
-            elapsed = time.perf_counter() - start
-            self.tokens_seen += result["step_tokens"]
-            self.bad_steps += result["bad"]
-            self.bad_in_a_row = self.bad_in_a_row + 1 if result["bad"] else 0
-            tokens_per_s = result["step_tokens"] / elapsed
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
-            )
-            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
-                row = {
-                    "step": step + 1,
-                    "loss": result["loss"],
-                    "grad_norm": result["grad_norm"],
-                    "lr": result["lr"],
-                    "tokens": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
-                    "peak_mem_gb": self._peak_memory(),
-                    "non_padding": result["non_padding"],
-                    "samples_truncated": self.sample_counts["truncated"],
-                    "samples_dropped": self.sample_counts["dropped_overlong"],
-                    "samples_skipped_bad": self.sample_counts["skipped_bad"],
-                    "skipped_steps": self.bad_steps,
-                }
-                row.update(
-                    (key, value)
-                    for key, value in result.items()
-                    if key.startswith("loss_") or key in ("aux_loss", "expert_load_max_over_mean")
-                )
-                rows.append(row)
-                if self.cfg.log.all_ranks and not self.is_main:
-                    print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
-                if writer:
-                    writer.log(row)
-            stop = self._stop_reason()
-            if stop or every and ((step + 1) % every == 0 or step + 1 == t.max_steps):
-                saved = self.save_checkpoint(step + 1)
-            if stop:
-                stop = TrainingStopped(f"{stop[1]} Checkpoint of step {step + 1}: {saved}", stop[0])
-                break
-        signal.signal(signal.SIGTERM, previous_handler)
+        with StopConditions(t.max_bad_steps, self.state.device, self.bad_steps) as conditions:
+            for step in range(self.start_step, t.max_steps):
+                stop = self._step(step, bar, rows, writer, conditions)
+                if stop:
+                    break
         bar.close()
         if self.checkpointer:
             self.checkpointer.finish()
@@ -456,22 +402,56 @@ class Trainer:
                 print(f"  Hugging Face export: {hf}")
         return rows
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.preempted = True  # acted on after the current step, by every rank together
-
-    def _stop_reason(self) -> tuple[int, str] | None:
-        """(exit code, why) when the run must stop after this step, the same on every rank."""
-        t = self.cfg.train
-        if t.max_bad_steps and self.bad_in_a_row >= t.max_bad_steps:
-            return 1, (
-                f"omniweave: stopped: {self.bad_in_a_row} steps in a row had a NaN/Inf loss or "
-                f"gradient norm (train.max_bad_steps={t.max_bad_steps}); their updates were "
-                "skipped, so the weights are those of the last good step."
+    def _step(self, step: int, bar, rows: list, writer, conditions: StopConditions):
+        """Train, log and checkpoint one step; a TrainingStopped when the run must stop."""
+        t, every = self.cfg.train, self.cfg.checkpoint.every_steps
+        start = time.perf_counter()
+        try:
+            result = self.train_step(step)
+        except RuntimeError as error:
+            stopped = timeout_stop(error, self.state.rank, self.cfg.parallel.timeout_s, step + 1)
+            if stopped is None:
+                raise
+            raise stopped from error
+        elapsed = time.perf_counter() - start
+        self.tokens_seen += result["step_tokens"]
+        stop = conditions.after_step(result["bad"])
+        self.bad_steps = conditions.bad_steps
+        tokens_per_s = result["step_tokens"] / elapsed
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+            row = {
+                "step": step + 1,
+                "loss": result["loss"],
+                "grad_norm": result["grad_norm"],
+                "lr": result["lr"],
+                "tokens": self.tokens_seen,
+                "tokens_per_s": tokens_per_s,
+                "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
+                "peak_mem_gb": self._peak_memory(),
+                "non_padding": result["non_padding"],
+                "samples_truncated": self.sample_counts["truncated"],
+                "samples_dropped": self.sample_counts["dropped_overlong"],
+                "samples_skipped_bad": self.sample_counts["skipped_bad"],
+                "samples_no_labels": self.sample_counts["no_labels"],
+                "skipped_steps": self.bad_steps,
+            }
+            row.update(
+                (key, value)
+                for key, value in result.items()
+                if key.startswith("loss_") or key in ("aux_loss", "expert_load_max_over_mean")
             )
-        preempted = torch.tensor(float(self.preempted), device=self.state.device)
-        dist.all_reduce(preempted, op=dist.ReduceOp.MAX)
-        if preempted:
-            return 128 + signal.SIGTERM, "omniweave: stopped by SIGTERM (preemption)."
+            rows.append(row)
+            if self.cfg.log.all_ranks and not self.is_main:
+                print(f"[rank {self.state.rank}] {json.dumps(row)}", flush=True)
+            if writer:
+                writer.log(row)
+        if stop or every and ((step + 1) % every == 0 or step + 1 == t.max_steps):
+            saved = self.save_checkpoint(step + 1)
+        if stop:
+            code, why = stop
+            return TrainingStopped(f"{why} Checkpoint of step {step + 1}: {saved}", code)
         return None
 
     def _measured_peak_flops(self) -> float:
@@ -488,15 +468,6 @@ class Trainer:
         peak = torch.tensor(peak_memory_gb(self.state.device), device=self.state.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return float(peak)
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped early: SIGTERM or too many bad steps (after a checkpoint), or a
-    collective that timed out."""
-
-    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
-        super().__init__(message)
-        self.exit_code, self.every_rank = exit_code, every_rank
 
 
 def quiet_this_rank() -> None:

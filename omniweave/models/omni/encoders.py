@@ -57,7 +57,9 @@ class VisionEncoder(nn.Module):
         self.project = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, lm_hidden))
 
     def num_tokens(self, image: torch.Tensor) -> int:
-        return (image.shape[1] // self.patch) * (image.shape[2] // self.patch)
+        rows, cols = image.shape[1] // self.patch, image.shape[2] // self.patch
+        _check_positions("rows x columns of patches", max(rows, cols), self.rows.num_embeddings)
+        return rows * cols
 
     def dummy_item(self) -> torch.Tensor:
         return torch.zeros(self.channels, self.patch, self.patch)
@@ -95,7 +97,9 @@ class VideoEncoder(VisionEncoder):
         self.time = nn.Embedding(max_time, self.rows.weight.shape[1])
 
     def num_tokens(self, clip: torch.Tensor) -> int:
-        return (clip.shape[0] // self.frames_per_patch) * super().num_tokens(clip[0])
+        steps = clip.shape[0] // self.frames_per_patch
+        _check_positions("time steps", steps, self.time.num_embeddings)
+        return steps * super().num_tokens(clip[0])
 
     def dummy_item(self) -> torch.Tensor:
         return torch.zeros(self.frames_per_patch, self.channels, self.patch, self.patch)
@@ -173,7 +177,9 @@ class AudioEncoder(nn.Module):
 
     def num_tokens(self, waveform: torch.Tensor) -> int:
         frames = waveform.shape[-1] // self.hop + 1
-        return ((frames - 1) // 2) // 2 + 1
+        tokens = ((frames - 1) // 2) // 2 + 1
+        _check_positions("audio positions", tokens, self.position.num_embeddings)
+        return tokens
 
     def dummy_item(self) -> torch.Tensor:
         return torch.zeros(self.n_fft)
@@ -200,6 +206,15 @@ class AudioEncoder(nn.Module):
             x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).squeeze(0).transpose(0, 1)
             sequences.append(x + self.position(torch.arange(x.shape[0], device=x.device)))
         return self.project(self.blocks(sequences))
+
+
+def _check_positions(what: str, needed: int, available: int) -> None:
+    """ValueError when an item needs more position embeddings than the encoder has."""
+    if needed > available:
+        raise ValueError(
+            f"too large for the encoder: {needed} {what}, it has position embeddings for "
+            f"{available} (shrink or cut the item, or enlarge the encoder's config)"
+        )
 
 
 ENCODERS: dict[str, type[nn.Module]] = {
