@@ -87,6 +87,11 @@ class TrainConfig:
     log_every: int = _opt(1, ge=1)
     peak_flops: float | None = _opt(None, gt=0)  # device peak FLOP/s for MFU; None = measure
     save_final: bool = False  # unsharded weights in output_dir/final/model.safetensors
+    # Recompute blocks in backward: none, full (each block), or only its attention / mlp;
+    # `activation_checkpointing_every: k` takes every k-th block. Offload: saved tensors to host.
+    activation_checkpointing: str = _opt("none", choices=("none", "full", "attention", "mlp"))
+    activation_checkpointing_every: int = _opt(1, ge=1)
+    activation_offload: bool = False
     export_hf_at_end: bool = False  # `omniweave export --format hf` of the end state, in hf/
     max_bad_steps: int = _opt(10, ge=0)  # NaN/Inf steps in a row that stop the run; 0 = never
 

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from omniweave.distributed.activations import apply_activation_checkpointing
 from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
@@ -64,10 +65,12 @@ def build_model(
     cpu_offload: bool = False,
     grouped_experts: bool = False,
     omni: dict | None = None,
+    activation_checkpointing: tuple[str, int] = ("none", 1),
 ) -> nn.Module:
-    """Meta-device init, EP and FSDP2 per the family's recipe, then load ``path`` or init from
-    ``seed``. ``grouped_experts``: MoE experts compute with one grouped GEMM. ``omni``: an
-    OmniModel with these encoders in front (``path`` then holds the foundation only)."""
+    """Meta-device init, EP, activation checkpointing (mode, every k-th block) and FSDP2 per
+    the family's recipe, then load ``path`` or init from ``seed``. ``grouped_experts``: MoE
+    experts compute with one grouped GEMM. ``omni``: an OmniModel with these encoders in
+    front (``path`` then holds the foundation only)."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -83,6 +86,7 @@ def build_model(
     if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
         group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
         apply_expert_parallel(foundation, group, grouped_experts)
+    apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
     if needs_fsdp(state, dtype, cpu_offload):
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
         apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)

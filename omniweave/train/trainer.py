@@ -21,6 +21,7 @@ from omniweave.config import Config, save_config
 from omniweave.data.loader import GlobalBatchSampler, TrainBatches, load_samples
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer
+from omniweave.distributed.activations import offload_activations
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import (
     Degrees,
@@ -152,6 +153,7 @@ class Trainer:
             cfg.parallel.cpu_offload,
             cfg.parallel.grouped_experts,
             omni,
+            (t.activation_checkpointing, t.activation_checkpointing_every),
         )
         self.foundation = self.model.foundation if omni else self.model
         if degrees.sp > 1 or d.packing:
@@ -328,7 +330,8 @@ class Trainer:
                 "position_ids": batch.position_ids.to(device),
                 "media": batch.media,
             }
-        outputs = self.model(**inputs, use_cache=False, **extra)
+        with offload_activations(self.cfg.train.activation_offload):
+            outputs = self.model(**inputs, use_cache=False, **extra)
         targets = self._local(batch.targets).flatten()
         token_losses = F.cross_entropy(
             outputs.logits.float().flatten(0, 1),

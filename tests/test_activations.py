@@ -1,0 +1,99 @@
+"""Activation checkpointing and offload: fewer saved activations, the same training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from omniweave.config import load_config
+from omniweave.distributed.activations import apply_activation_checkpointing
+from omniweave.models.registry import recipe_for
+from tests.distributed import run_distributed
+from tests.models import TINY, hf_model
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward during one forward of ``model``."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids).logits.sum().backward()
+    return total
+
+
+@pytest.mark.parametrize("mode,every", [("full", 1), ("full", 2), ("attention", 1), ("mlp", 1)])
+def test_checkpointed_blocks_keep_fewer_activations_and_the_same_gradients(mode, every):
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    plain, checkpointed = hf_model("qwen2", seed=1), hf_model("qwen2", seed=1)
+    blocks = recipe_for("qwen2").block_classes
+    count = apply_activation_checkpointing(checkpointed, blocks, mode, every)
+    assert count == len(checkpointed.model.layers[::every])
+    assert _saved_bytes(checkpointed, ids) < _saved_bytes(plain, ids)
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def _losses(runs: dict[str, list[str]]) -> dict[str, list[tuple[float, float]]]:
+    from omniweave.train.trainer import Trainer
+
+    return {
+        name: [(row["loss"], row["grad_norm"]) for row in Trainer(load_config(None, args)).run()]
+        for name, args in runs.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "model,layout,variants",
+    [
+        (
+            "qwen2",
+            {"parallel.sp": 2},
+            [
+                {"train.activation_checkpointing": "full", "train.activation_offload": True},
+                {
+                    "train.activation_checkpointing": "attention",
+                    "train.activation_checkpointing_every": 2,
+                },
+            ],
+        ),
+        ("qwen3_moe", {"parallel.ep": 2}, [{"train.activation_checkpointing": "mlp"}]),
+    ],
+)
+def test_training_with_checkpointing_matches_training_without(
+    corpus, tmp_path, model, layout, variants
+):
+    def args(name: str, **settings) -> list[str]:
+        base = {
+            "model.config": TINY[model],
+            "data.train_path": corpus["train_path"],
+            "data.tokenizer_path": corpus["tokenizer_path"],
+            "data.max_seq_len": 64,
+            "train.output_dir": str(tmp_path / name),
+            "train.max_steps": 3,
+            "train.global_batch_size": 4,
+            "train.micro_batch_size": 2,
+            "train.lr": 1e-2,
+            "train.peak_flops": 1e12,
+            "log.progress": False,
+            "log.tensorboard": False,
+            "log.plot": False,
+            **layout,
+            **settings,
+        }
+        return [f"--{key}={json.dumps(value)}" for key, value in base.items()]
+
+    runs = {"plain": args("plain")}
+    runs.update({f"variant{i}": args(f"variant{i}", **v) for i, v in enumerate(variants)})
+    curves = run_distributed(_losses, 2, runs)[0]
+    for name in runs:
+        for (loss, norm), (ref_loss, ref_norm) in zip(curves[name], curves["plain"], strict=True):
+            assert (
+                abs(loss - ref_loss) <= 1e-6 * ref_loss and abs(norm - ref_norm) <= 1e-6 * ref_norm
+            )
