@@ -44,6 +44,7 @@ from omniweave.models.omni.model import (
 )
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.attention import check_backend
+from omniweave.ops.cross_entropy import install_loss_head
 from omniweave.train.checkpoint import Checkpointer, resolve_resume
 from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
 from omniweave.train.export import export_live
@@ -156,6 +157,10 @@ class Trainer:
             (t.activation_checkpointing, t.activation_checkpointing_every),
         )
         self.foundation = self.model.foundation if omni else self.model
+        self.loss_head = None  # chunked: the LM head returns per-token losses
+        if t.cross_entropy == "chunked":
+            head = self.foundation.get_output_embeddings()
+            self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
         if degrees.sp > 1 or d.packing:
             apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
         if omni and degrees.sp > 1:  # embeddings are built whole; the decoder stack gets a slice
@@ -330,15 +335,20 @@ class Trainer:
                 "position_ids": batch.position_ids.to(device),
                 "media": batch.media,
             }
+        targets = self._local(batch.targets).flatten()
+        if self.loss_head is not None:
+            self.loss_head.targets = targets
         with offload_activations(self.cfg.train.activation_offload):
             outputs = self.model(**inputs, use_cache=False, **extra)
-        targets = self._local(batch.targets).flatten()
-        token_losses = F.cross_entropy(
-            outputs.logits.float().flatten(0, 1),
-            targets,
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
+        if self.loss_head is not None:
+            token_losses = outputs.logits.flatten()
+        else:
+            token_losses = F.cross_entropy(
+                outputs.logits.float().flatten(0, 1),
+                targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
         router_logits = outputs.router_logits if self.router_loss is not None else None
         return token_losses, targets, router_logits
 
