@@ -51,7 +51,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    chunk: int = 4096,
+    chunk: int = 512,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Per-token losses (0 where ``targets == ignore_index``) of ``hidden`` ``[tokens, H]``
