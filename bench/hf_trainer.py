@@ -2,8 +2,9 @@
 process each: the same model and weights, the same samples in the same order per step, the
 same optimizer settings. HF pads each batch to its longest sample (its default collator);
 OmniWeave packs the step's samples into rows under a token budget. Prints effective
-(non-padding) tokens/s, their ratio (target >= 1.5) and both loss curves' largest gap, and
-draws the curves overlaid (``--plot``).
+(non-padding) tokens/s, their ratio (target >= 1.5), both loss curves' largest gap and
+OmniWeave's "CPU MFU" (model FLOPs/s over the measured GEMM FLOP/s), and draws the curves
+overlaid (``--plot``).
 
     make .data/tokenizer && .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/hf_trainer.py [--steps N] [--warmup K] [--batch B] [--threads T]
@@ -50,7 +51,6 @@ def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
         "train.lr": 1e-3,
         "train.lr_schedule": "constant",
         "train.weight_decay": 0.0,
-        "train.peak_flops": 1e12,
         "checkpoint.resume": "none",
         "log.progress": False,
         "log.tensorboard": False,
@@ -58,15 +58,16 @@ def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
     }
     cfg = load_config(None, [f"--{k}={json.dumps(v)}" for k, v in settings.items()])
     trainer = Trainer(cfg)
-    losses, seconds, tokens = [], [], []
+    losses, seconds, tokens, mfu = [], [], [], []
     for step in range(steps):
         start = time.perf_counter()
         result = trainer.train_step(step)
         seconds.append(time.perf_counter() - start)
         losses.append(result["loss"])
         tokens.append(result["step_tokens"])
+        mfu.append(result["flops"] / seconds[-1] / trainer.peak_flops)
     order = [trainer.batches.sampler.global_batch(step) for step in range(steps)]
-    return losses, seconds, tokens, order, trainer.samples
+    return losses, seconds, tokens, order, trainer.samples, (mfu, trainer.peak_flops)
 
 
 def hf_run(model_dir: str, out: str, samples, order, batch: int) -> tuple[list, list]:
@@ -163,7 +164,7 @@ def main() -> None:
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(f"{tmp}/model")
-        ours, our_s, tokens, order, samples = omniweave_run(
+        ours, our_s, tokens, order, samples, (mfu, peak) = omniweave_run(
             f"{tmp}/model", f"{tmp}/ow", args.steps, args.batch
         )
         theirs, their_s = hf_run(f"{tmp}/model", f"{tmp}/hf", samples, order, args.batch)
@@ -183,6 +184,10 @@ def main() -> None:
         print(f"| {name} | {r:,.0f} | {statistics.median(secs[timed]):.3f} | {loss[-1]:.4f} |")
     print(f"\nOmniWeave / HF effective tokens/s: {ours_rate / theirs_rate:.2f}x (target >= 1.5)")
     print(f"largest relative gap between the loss curves: {gap:.2e}")
+    print(
+        f"CPU MFU of OmniWeave (model FLOPs/s over this machine's measured GEMM "
+        f"{peak / 1e9:.1f} GFLOP/s): {statistics.median(mfu[timed]):.1%}"
+    )
     _plot(ours, theirs, args.plot)
     print(f"loss curves: {args.plot}")
 

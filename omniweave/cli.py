@@ -1,4 +1,4 @@
-"""``omniweave`` command line: train, data."""
+"""``omniweave`` command line: train, eval, export, bench, data."""
 
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"omniweave: {os.path.join(args.run, 'eval.json')}")
 
 
+def _bench(arguments: list[str]) -> int:
+    report = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "report.py")
+    if not os.path.isfile(report):
+        return _fail("omniweave bench runs the bench/ scripts of a source checkout; none here.")
+    return subprocess.run([sys.executable, report, *arguments], check=False).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniweave", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="train.output_dir of a run with train.save_final")
     evaluate.add_argument("data", help="folder written by `omniweave data build-demo`")
     evaluate.set_defaults(func=_evaluate)
+    commands.add_parser(
+        "bench",
+        help="run bench/ on this machine and write docs/benchmarks.md (source checkout)",
+        description="Options are bench/report.py's: --only NAME ..., --out PATH.",
+    )
     from omniweave.data.commands import register
     from omniweave.train.export_command import register as register_export
 
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if args.command == "train":
         return train_command(args, unknown)
+    if args.command == "bench":
+        return _bench(unknown)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
