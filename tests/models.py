@@ -127,3 +127,26 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2_5OmniThinkerForConditionalGeneration(config).float()
+
+
+def tiny_run_args(corpus: dict, family: str, out: str, **settings) -> list[str]:
+    """CLI overrides of a 3-step run of ``TINY[family]`` on the ``corpus`` fixture's data."""
+    import json
+
+    base = {
+        "model.config": TINY[family],
+        "data.train_path": corpus["train_path"],
+        "data.tokenizer_path": corpus["tokenizer_path"],
+        "data.max_seq_len": 64,
+        "train.output_dir": out,
+        "train.max_steps": 3,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.lr": 1e-2,
+        "train.peak_flops": 1e12,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "log.plot": False,
+        **settings,
+    }
+    return [f"--{key}={json.dumps(value)}" for key, value in base.items()]

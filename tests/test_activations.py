@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from omniweave.config import load_config
 from omniweave.distributed.activations import apply_activation_checkpointing
 from omniweave.models.registry import recipe_for
 from tests.distributed import run_distributed
-from tests.models import TINY, hf_model
+from tests.models import hf_model, tiny_run_args
+from tests.test_parity import _train_runs
 
 
 def _saved_bytes(model, ids) -> int:
@@ -40,15 +38,6 @@ def test_checkpointed_blocks_keep_fewer_activations_and_the_same_gradients(mode,
         assert torch.equal(a.grad, b.grad)
 
 
-def _losses(runs: dict[str, list[str]]) -> dict[str, list[tuple[float, float]]]:
-    from omniweave.train.trainer import Trainer
-
-    return {
-        name: [(row["loss"], row["grad_norm"]) for row in Trainer(load_config(None, args)).run()]
-        for name, args in runs.items()
-    }
-
-
 @pytest.mark.parametrize(
     "model,layout,variants",
     [
@@ -70,28 +59,11 @@ def test_training_with_checkpointing_matches_training_without(
     corpus, tmp_path, model, layout, variants
 ):
     def args(name: str, **settings) -> list[str]:
-        base = {
-            "model.config": TINY[model],
-            "data.train_path": corpus["train_path"],
-            "data.tokenizer_path": corpus["tokenizer_path"],
-            "data.max_seq_len": 64,
-            "train.output_dir": str(tmp_path / name),
-            "train.max_steps": 3,
-            "train.global_batch_size": 4,
-            "train.micro_batch_size": 2,
-            "train.lr": 1e-2,
-            "train.peak_flops": 1e12,
-            "log.progress": False,
-            "log.tensorboard": False,
-            "log.plot": False,
-            **layout,
-            **settings,
-        }
-        return [f"--{key}={json.dumps(value)}" for key, value in base.items()]
+        return tiny_run_args(corpus, model, str(tmp_path / name), **layout, **settings)
 
     runs = {"plain": args("plain")}
     runs.update({f"variant{i}": args(f"variant{i}", **v) for i, v in enumerate(variants)})
-    curves = run_distributed(_losses, 2, runs)[0]
+    curves = run_distributed(_train_runs, 2, list(runs.items()))[0]
     for name in runs:
         for (loss, norm), (ref_loss, ref_norm) in zip(curves[name], curves["plain"], strict=True):
             assert (

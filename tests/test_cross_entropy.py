@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from omniweave.config import load_config
 from omniweave.ops.cross_entropy import chunked_cross_entropy, naive_cross_entropy
 from tests.distributed import run_distributed
-from tests.models import TINY
+from tests.models import tiny_run_args
+from tests.test_parity import _train_runs
 
 
 def _inputs(dtype, tokens=50, hidden=16, vocab=97):
@@ -56,41 +54,15 @@ def test_no_tensor_of_the_logits_size_is_kept_for_backward():
     assert max(saved) >= 64 * 1000  # the reference does keep them: the check can fail
 
 
-def _curves(runs: dict[str, list[str]]) -> dict[str, list[tuple[float, float]]]:
-    from omniweave.train.trainer import Trainer
-
-    return {
-        name: [(row["loss"], row["grad_norm"]) for row in Trainer(load_config(None, args)).run()]
-        for name, args in runs.items()
-    }
-
-
 @pytest.mark.parametrize(
     "model,layout", [("qwen2", {"parallel.dp_shard": 2}), ("llama", {"parallel.sp": 2})]
 )
 def test_training_with_chunked_loss_matches_naive(corpus, tmp_path, model, layout):
     def args(name: str, **settings) -> list[str]:
-        base = {
-            "model.config": TINY[model],
-            "data.train_path": corpus["train_path"],
-            "data.tokenizer_path": corpus["tokenizer_path"],
-            "data.max_seq_len": 64,
-            "train.output_dir": str(tmp_path / name),
-            "train.max_steps": 3,
-            "train.global_batch_size": 4,
-            "train.micro_batch_size": 2,
-            "train.lr": 1e-2,
-            "train.peak_flops": 1e12,
-            "log.progress": False,
-            "log.tensorboard": False,
-            "log.plot": False,
-            **layout,
-            **settings,
-        }
-        return [f"--{key}={json.dumps(value)}" for key, value in base.items()]
+        return tiny_run_args(corpus, model, str(tmp_path / name), **layout, **settings)
 
     chunked = {"train.cross_entropy": "chunked", "train.cross_entropy_chunk": 16}
-    runs = {"naive": args("naive"), "chunked": args("chunked", **chunked)}
-    curves = run_distributed(_curves, 2, runs)[0]
+    runs = [("naive", args("naive")), ("chunked", args("chunked", **chunked))]
+    curves = run_distributed(_train_runs, 2, runs)[0]
     for (loss, norm), (ref_loss, ref_norm) in zip(curves["chunked"], curves["naive"], strict=True):
         assert abs(loss - ref_loss) <= 1e-5 * ref_loss and abs(norm - ref_norm) <= 1e-5 * ref_norm
