@@ -12,11 +12,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 WEIGHTS = "model.safetensors"
 
 
+def gather_full_state(model: nn.Module) -> dict:
+    """Every parameter and buffer whole (FSDP and EP shards gathered), on CPU, for rank 0.
+    Collective: every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
 def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
     """Gather every parameter (FSDP and EP shards) to CPU on rank 0 and write ``folder/WEIGHTS``.
     Collective: every rank calls it."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = gather_full_state(model)
     path = os.path.join(folder, WEIGHTS)
     if is_main:
         os.makedirs(folder, exist_ok=True)

@@ -22,9 +22,9 @@ class TrainingStopped(RuntimeError):
 class StopConditions:
     """Counts bad steps and catches SIGTERM while a run trains (use as a context manager)."""
 
-    def __init__(self, max_bad_steps: int, device: torch.device, bad_steps: int = 0):
+    def __init__(self, max_bad_steps: int, device: torch.device):
         self.max_bad_steps, self.device = max_bad_steps, device
-        self.bad_steps, self.bad_in_a_row, self.preempted = bad_steps, 0, False
+        self.bad_steps, self.bad_in_a_row, self.preempted = 0, 0, False
 
     def __enter__(self) -> StopConditions:
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -30,13 +30,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from omniweave.config import load_config
 from omniweave.data.processors import load_tokenizer
 from omniweave.models.loader import load_hf_config
 from omniweave.models.omni.model import OmniModel, import_plugins
+from omniweave.models.weights import gather_full_state
 from omniweave.train.checkpoint import LATEST, checkpoints_dir, resolve_resume, step_name
 
 INDEX = "omni_index.json"
@@ -160,8 +160,7 @@ def export_live(
 ) -> str:
     """``write_hf`` of a live (FSDP/EP-sharded or plain) model: every rank calls it (the full
     state is gathered to CPU on rank 0), rank 0 writes ``out``. Returns ``out``."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = gather_full_state(model)
     if is_main:
         write_hf(state, hf_config, tokenizer, out, omni)
     return out

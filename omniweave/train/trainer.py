@@ -181,7 +181,7 @@ class Trainer:
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.tokens_seen, self.start_step = 0, 0
-        self.bad_steps = 0
+        self.stops = StopConditions(t.max_bad_steps, self.state.device)
         self.checkpointer = None
         resume = resolve_resume(cfg.checkpoint.resume, t.output_dir)
         if resume:
@@ -204,7 +204,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.start_step, self.tokens_seen = state["step"], state["tokens"]
-        self.bad_steps = state["bad_steps"]
+        self.stops.bad_steps = state["bad_steps"]
         if self.is_main:
             print(f"omniweave: resumed from {path} at step {self.start_step}")
 
@@ -213,7 +213,7 @@ class Trainer:
         data = {**self.batches.state_dict(), "step": step}
         state = {
             "tokens": self.tokens_seen,
-            "bad_steps": self.bad_steps,
+            "bad_steps": self.stops.bad_steps,
             "scheduler": self.scheduler.state_dict(),
             "data": data,
         }
@@ -383,9 +383,9 @@ class Trainer:
         )
         rows = []
         stop = None
-        with StopConditions(t.max_bad_steps, self.state.device, self.bad_steps) as conditions:
+        with self.stops:
             for step in range(self.start_step, t.max_steps):
-                stop = self._step(step, bar, rows, writer, conditions)
+                stop = self._step(step, bar, rows, writer)
                 if stop:
                     break
         bar.close()
@@ -415,7 +415,7 @@ class Trainer:
                 print(f"  Hugging Face export: {hf}")
         return rows
 
-    def _step(self, step: int, bar, rows: list, writer, conditions: StopConditions):
+    def _step(self, step: int, bar, rows: list, writer):
         """Train, log and checkpoint one step; a TrainingStopped when the run must stop."""
         t, every = self.cfg.train, self.cfg.checkpoint.every_steps
         start = time.perf_counter()
@@ -428,8 +428,7 @@ class Trainer:
             raise stopped from error
         elapsed = time.perf_counter() - start
         self.tokens_seen += result["step_tokens"]
-        stop = conditions.after_step(result["bad"])
-        self.bad_steps = conditions.bad_steps
+        stop = self.stops.after_step(result["bad"])
         tokens_per_s = result["step_tokens"] / elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -448,7 +447,7 @@ class Trainer:
                 "samples_dropped": self.sample_counts["dropped_overlong"],
                 "samples_skipped_bad": self.sample_counts["skipped_bad"],
                 "samples_no_labels": self.sample_counts["no_labels"],
-                "skipped_steps": self.bad_steps,
+                "skipped_steps": self.stops.bad_steps,
             }
             row.update(
                 (key, value)
