@@ -41,7 +41,7 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _launch(args: argparse.Namespace, overrides: list[str], cfg) -> int:
     """Validate in this process, then start ``torchrun`` with ``--nproc`` local workers."""
-    from omniweave.train.trainer import validate
+    from omniweave.train.checks import validate
 
     validate(cfg, args.nproc)
     command = [

@@ -9,33 +9,27 @@ import random
 import sys
 import time
 import warnings
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PretrainedConfig
 
 from omniweave.config import Config, save_config
 from omniweave.data.loader import GlobalBatchSampler, TrainBatches, load_samples
 from omniweave.data.packing import MicroBatch
-from omniweave.data.processors import IGNORE_INDEX, load_tokenizer
+from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
-from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import (
-    Degrees,
     ParallelState,
     device_for_rank,
     init_process_group,
-    resolve_degrees,
 )
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
-    check_heads,
     split_sequence_inputs,
 )
-from omniweave.models.loader import build_model, load_hf_config
+from omniweave.models.loader import build_model
 from omniweave.models.omni.model import (
     OmniParts,
     build_decoders,
@@ -43,9 +37,9 @@ from omniweave.models.omni.model import (
     import_plugins,
 )
 from omniweave.models.weights import save_full_weights
-from omniweave.ops.attention import check_backend
 from omniweave.ops.cross_entropy import install_loss_head
 from omniweave.train.checkpoint import Checkpointer, resolve_resume
+from omniweave.train.checks import validate
 from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
 from omniweave.train.export import export_live
 from omniweave.train.metrics import (
@@ -56,30 +50,6 @@ from omniweave.train.metrics import (
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from omniweave.train.router import RouterLoss, is_moe
-
-
-def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
-    """Every check that needs no process group: a user mistake fails here, on each rank alike."""
-    p = cfg.parallel
-    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
-    check_backend(cfg.model.attn_implementation)
-    resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
-    hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
-    check_heads(hf_config, degrees.sp)
-    check_experts(hf_config, degrees.ep)
-    budget = cfg.data.max_tokens_per_microbatch
-    if budget is not None and budget < cfg.data.max_seq_len:
-        raise ValueError(
-            f"data.max_tokens_per_microbatch={budget} is below data.max_seq_len="
-            f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
-            "budget or lower max_seq_len."
-        )
-    if cfg.data.train_path is None or not os.path.isfile(cfg.data.train_path):
-        raise ValueError(
-            f"data.train_path '{cfg.data.train_path}' is not a file (JSONL or Parquet)."
-        )
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    return degrees, hf_config, tokenizer
 
 
 class Trainer:

@@ -1,0 +1,43 @@
+"""The checks of a run config that need no process group, so that a user mistake fails at
+once, with one message, on every rank alike (and in ``omniweave train --nproc`` before
+torchrun starts)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from omniweave.config import Config
+from omniweave.data.processors import load_tokenizer
+from omniweave.distributed.expert import check_experts
+from omniweave.distributed.parallel_state import Degrees, resolve_degrees
+from omniweave.distributed.ulysses import check_heads
+from omniweave.models.loader import load_hf_config
+from omniweave.ops.attention import check_backend
+from omniweave.train.checkpoint import resolve_resume
+
+
+def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
+    """Every check that needs no process group: a user mistake fails here, on each rank alike."""
+    p = cfg.parallel
+    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
+    check_backend(cfg.model.attn_implementation)
+    resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
+    hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
+    check_heads(hf_config, degrees.sp)
+    check_experts(hf_config, degrees.ep)
+    budget = cfg.data.max_tokens_per_microbatch
+    if budget is not None and budget < cfg.data.max_seq_len:
+        raise ValueError(
+            f"data.max_tokens_per_microbatch={budget} is below data.max_seq_len="
+            f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
+            "budget or lower max_seq_len."
+        )
+    if cfg.data.train_path is None or not os.path.isfile(cfg.data.train_path):
+        raise ValueError(
+            f"data.train_path '{cfg.data.train_path}' is not a file (JSONL or Parquet)."
+        )
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    return degrees, hf_config, tokenizer
