@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 import yaml
 
 from omniweave.data import demo_sources as src
-from omniweave.data.demo import EVAL_DIGITS, build_demo
+from omniweave.data.demo import EVAL_DIGITS, WORD_MARGIN, build_demo
 from omniweave.data.loader import load_samples
 from omniweave.data.media import load_image
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_multimodal
@@ -39,8 +40,16 @@ def demo(tmp_path_factory):
     fortunes.mkdir(parents=True)
     (fortunes / "wisdom").write_text("Look before you leap.\n%\nHaste makes waste.\n")
     out = tmp_path_factory.mktemp("demo")
-    counts = build_demo(str(out), str(root), fortunes=10, synthesize=False)
+    with pytest.MonkeyPatch.context() as patch:  # "folder five": five is its second half
+        patch.setattr(src, "word_aligner", lambda: _halves)
+        counts = build_demo(str(out), str(root), fortunes=10, synthesize=False)
     return out, counts
+
+
+def _halves(audio: np.ndarray, text: str) -> list[tuple[str, int, int]]:
+    """A stand-in aligner: each word takes an equal share of the clip."""
+    words, share = text.split(), len(audio) // len(text.split())
+    return [(word, i * share, (i + 1) * share) for i, word in enumerate(words)]
 
 
 def _lines(path) -> list[dict]:
@@ -51,10 +60,20 @@ def test_tasks_and_held_out_split(demo):
     out, counts = demo
     train = len(src.handwritten_digits()[0]) - EVAL_DIGITS
     draw, video = len(range(1, train, 3)), len(range(0, train, 3))
-    assert counts == {"caption": train, "draw": draw, "video": video, "asr": 2, "text": 2}
+    assert counts == {"caption": train, "draw": draw, "video": video, "asr": 4, "text": 2}
     records, prompts = _lines(out / "train.jsonl"), _lines(out / "eval.jsonl")
-    speech = {r["prompt"] + r["text"] for r in records if r["task"] == "asr"}
-    assert speech == {"<audio> transcribe: folder five"}  # one-word prompts are left out
+    speech = {
+        r["prompt"] + r["text"]: r["media"]["audio"][0]
+        for r in records
+        if "audio" in r.get("media", {})
+    }
+    # one-word prompts are left out; the phrase's digit word is cut out at its aligned span
+    assert set(speech) == {"<audio> transcribe: folder five", "<audio> transcribe: five"}
+    phrase, word = (
+        sf.read(out / speech[f"<audio> transcribe:{t}"])[0] for t in (" folder five", " five")
+    )
+    margin = WORD_MARGIN
+    np.testing.assert_allclose(word, phrase[len(phrase) // 2 - margin :], atol=1e-4)
     assert sorted(p["label"] for p in prompts if p["task"] == "asr") == list(range(10))
     assert sum(p["task"] == "caption" for p in prompts) == EVAL_DIGITS
     trained = {path for r in records for paths in r.get("media", {}).values() for path in paths}
@@ -105,3 +124,25 @@ def test_prompts_are_inputs_without_labels(demo, parts, task):
     start = len(prompt["input_ids"]) - 1  # the prompt alone, without its end-of-text token
     assert set(sample["labels"][:start]) == {IGNORE_INDEX}
     assert sample["labels"][start:] == reference["labels"][start:]
+
+
+def test_word_aligner_refuses_words_it_cannot_spell():
+    align = src.word_aligner()
+    if align is None:
+        pytest.skip("pocketsphinx is not installed")
+    assert align(np.zeros(8000, np.float32), "qzxv blorf") == []
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_word_aligner_finds_spoken_words_in_order(tmp_path):
+    align = src.word_aligner()
+    if align is None:
+        pytest.skip("pocketsphinx is not installed")
+    command = ["espeak-ng", "-v", "en-us", "-s", "130", "-w", "{out}", "{text}"]
+    text = "press five to leave a message"
+    audio = src.speak(command, text, str(tmp_path / "speech.wav"))
+    words = align(audio, text)
+    assert [word for word, _, _ in words] == text.split()
+    ends = [0] + [edge for _, start, end in words for edge in (start, end)]
+    assert ends == sorted(ends) and ends[-1] <= len(audio) + 80
+    assert all(end - start >= 400 for _, start, end in words)  # each word at least 50 ms

@@ -27,6 +27,10 @@ MAX_PROMPT_SECONDS = 6  # longer Allison phrases (menus read in full) do not fit
 # Each speech record is written twice: the audio path is the slowest to learn inside the LM
 # (1 process, 300 steps x 64 samples: speech alone reads Allison's digits 5/10, the mix 1/10).
 SPEECH_REPEATS = 2
+# Her digit words, cut from her phrases, are the only isolated digits in her voice: with them
+# (1 process, speech alone, 300 steps x 64, seeds 0-3) her held-out digits are read 8/8/8/8 of
+# 10; without, 4/7/8/7. Each cut keeps this many samples (50 ms) either side of the word.
+WORD_MARGIN = 400
 # One instruction per task: when emoji names shared the digits' "describe:", digit
 # captioning fell from 88% to 8% (300 steps, 1 process); a prompt of their own restores it.
 PROMPTS = {
@@ -120,31 +124,7 @@ def build_demo(
 
 def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool) -> list[dict]:
     """Speech recognition records; Allison's digit recordings go to ``evaluation``."""
-    records = []
-    held_out = src.allison_digits(root)
-    if held_out:
-        for path, digit in held_out:
-            name = f"audio/allison_{digit}.wav"
-            src.save_wav(os.path.join(out, name), src.read_audio(path))
-            evaluation.append(_eval("asr", digit, audio=name))
-    prompts = src.allison_prompts(root)
-    for index, (path, text) in enumerate(prompts):
-        if len(text.split()) < 2:
-            continue  # her one-word prompts teach "Allison's voice alone -> not a digit"
-        audio = src.read_audio(path)
-        if len(audio) > MAX_PROMPT_SECONDS * src.SAMPLE_RATE:
-            continue
-        name = f"audio/allison_prompt_{index:03d}.wav"
-        src.save_wav(os.path.join(out, name), audio)
-        records.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
-    if prompts:
-        notes.append(
-            f"audio: {len(records)} real Allison phrases (+ {len(held_out)} digits held out)"
-        )
-    else:
-        notes.append(
-            "skipped Allison prompts: install Debian's asterisk-core-sounds-en and -en-wav"
-        )
+    records = _allison(out, root, evaluation, notes)
     utterances = src.pocketsphinx_utterances(root)
     for index, (path, text, raw_rate) in enumerate(utterances):
         name = f"audio/pocketsphinx_{index:02d}.wav"
@@ -176,6 +156,47 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
         else:
             notes.append(f"skipped {engine} speech: install Debian's {engine}")
     return records
+
+
+def _allison(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
+    """Records of Allison's real phrases and of the digit words cut from them (by forced
+    alignment); her recordings of the ten digit words go to ``evaluation``."""
+    held_out = src.allison_digits(root)
+    for path, digit in held_out:
+        name = f"audio/allison_{digit}.wav"
+        src.save_wav(os.path.join(out, name), src.read_audio(path))
+        evaluation.append(_eval("asr", digit, audio=name))
+    prompts = src.allison_prompts(root)
+    if not prompts:
+        notes.append(
+            "skipped Allison prompts: install Debian's asterisk-core-sounds-en and -en-wav"
+        )
+        return []
+    align = src.word_aligner()
+    phrases, words = [], []
+    for index, (path, text) in enumerate(prompts):
+        if len(text.split()) < 2:
+            continue  # her one-word prompts teach "Allison's voice alone -> not a digit"
+        audio = src.read_audio(path)
+        if len(audio) > MAX_PROMPT_SECONDS * src.SAMPLE_RATE:
+            continue
+        name = f"audio/allison_prompt_{index:03d}.wav"
+        src.save_wav(os.path.join(out, name), audio)
+        phrases.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
+        if align is None or not set(text.split()) & set(src.DIGIT_WORDS):
+            continue
+        for k, (word, start, end) in enumerate(align(audio, text)):
+            if word in src.DIGIT_WORDS:
+                name = f"audio/allison_prompt_{index:03d}_word_{k}.wav"
+                clip = audio[max(0, start - WORD_MARGIN) : end + WORD_MARGIN]
+                src.save_wav(os.path.join(out, name), clip)
+                words.append(_record("asr", f" {word}", PROMPTS["asr"], audio=name))
+    notes.append(f"audio: {len(phrases)} real Allison phrases (+ {len(held_out)} digits held out)")
+    if align is None:
+        notes.append("skipped Allison's digit words cut from her phrases: pip install pocketsphinx")
+    else:
+        notes.append(f"audio: {len(words)} of her digit words cut from her phrases (pocketsphinx)")
+    return phrases + words
 
 
 def _record(task: str, text: str, prompt: str = "", **media: str) -> dict:

@@ -155,6 +155,40 @@ def spoken_text(transcript: str) -> str | None:
     return " ".join(words) or None
 
 
+def word_aligner():
+    """``align(audio, text) -> [(word, start, end)]`` (sample offsets in ``audio`` at
+    ``SAMPLE_RATE``) by pocketsphinx's forced alignment with its bundled US-English model, or
+    None where pocketsphinx is not installed. Texts it cannot align give ``[]``."""
+    try:
+        from pocketsphinx import Decoder
+    except ImportError:
+        return None
+    import torch
+
+    from omniweave.data.media import resample
+
+    decoder = Decoder(bestpath=False, loglevel="FATAL")
+    hop = SAMPLE_RATE // 100  # its frames are 10 ms
+
+    def align(audio: np.ndarray, text: str) -> list[tuple[str, int, int]]:
+        try:
+            decoder.set_align_text(text)
+        except RuntimeError:  # a word its dictionary lacks
+            return []
+        wide = resample(torch.from_numpy(audio), SAMPLE_RATE, 16000).numpy()  # its model's rate
+        decoder.start_utt()
+        pcm = (np.clip(wide, -1, 1) * 32767).astype(np.int16)
+        decoder.process_raw(pcm.tobytes(), full_utt=True)
+        decoder.end_utt()
+        return [
+            (re.sub(r"\(\d+\)$", "", s.word), s.start_frame * hop, (s.end_frame + 1) * hop)
+            for s in decoder.seg() or []  # None when no path matches the text
+            if not s.word.startswith(("<", "["))  # silences and noises
+        ]
+
+    return align
+
+
 def allison_digits(root: str) -> list[tuple[str, int]]:
     """The held-out test set: Allison's real recordings of the ten digit words."""
     base = os.path.join(root, ALLISON, "digits")
