@@ -61,6 +61,8 @@ class ParallelConfig:
     sp: int = _opt(1, ge=1)
     ep: int = _opt(1, ge=1)
     grouped_experts: bool = False  # MoE experts as one grouped GEMM instead of a loop
+    ep_chunks: int = _opt(1, ge=1)  # EP dispatch in parts: exchange overlaps expert compute
+    async_ulysses: bool = True  # start each value all-to-all when its projection is done
     cpu_offload: bool = False
     timeout_s: float = _opt(600.0, gt=0)  # a collective waiting longer is an error
 

@@ -100,8 +100,16 @@ def test_moe_expert_parallel_matches_unsharded_reference(corpus, tmp_path):
     runs.append(
         ("qwen3_moe ep=2 grouped", _overrides(models["qwen3_moe"], corpus, grouped_out, **grouped))
     )
+    chunked = {**ep2, "parallel.ep_chunks": 3}
+    chunked_out = str(tmp_path / "chunked")
+    runs.append(
+        ("qwen3_moe ep=2 chunks=3", _overrides(models["qwen3_moe"], corpus, chunked_out, **chunked))
+    )
     per_rank = run_distributed(_train_runs, 4, runs)
     assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
+    chunks, whole = per_rank[0]["qwen3_moe ep=2 chunks=3"], per_rank[0]["qwen3_moe ep=2"]
+    flat = [value for step in chunks for value in step]  # overlapped parts: the same training
+    assert flat == pytest.approx([value for step in whole for value in step], rel=1e-6)
     for family, path in models.items():
         reference = moe_reference(path, corpus)
         for name, curve in per_rank[0].items():
@@ -118,9 +126,10 @@ def test_moe_expert_parallel_matches_unsharded_reference(corpus, tmp_path):
         assert row["aux_loss"] > 0 and row["expert_load_max_over_mean"] >= 1.0
 
 
-def _dispatch(grouped: bool, starve_rank0: bool = False) -> dict:
+def _dispatch(grouped: bool, starve_rank0: bool = False, chunks: int = 1) -> dict:
     """Rank 1 routes nothing to rank 0's experts, and expert 3 gets no token at all;
-    ``starve_rank0``: neither rank does, so rank 0's experts receive no rows."""
+    ``starve_rank0``: neither rank does, so rank 0's experts receive no rows. ``chunks``:
+    the dispatch in parts (6 tokens in 4: parts of 2, 2, 1 and 1 tokens)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -144,7 +153,7 @@ def _dispatch(grouped: bool, starve_rank0: bool = False) -> dict:
     with torch.no_grad():
         local.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[rank * 4 : rank * 4 + 4])
         local.down_proj = torch.nn.Parameter(experts.down_proj[rank * 4 : rank * 4 + 4])
-    out = make_experts_forward(group, grouped)(local, hidden, index, weights)
+    out = make_experts_forward(group, grouped, chunks)(local, hidden, index, weights)
     (out * torch.arange(64.0)).sum().backward()
     return {
         "out": (out - reference).abs().max().item(),
@@ -153,17 +162,17 @@ def _dispatch(grouped: bool, starve_rank0: bool = False) -> dict:
     }
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_dispatch_equals_unsharded_experts_with_empty_experts(grouped):
-    for result in run_distributed(_dispatch, 2, grouped):
+@pytest.mark.parametrize(("grouped", "chunks"), [(False, 1), (True, 1), (False, 4), (True, 4)])
+def test_dispatch_equals_unsharded_experts_with_empty_experts(grouped, chunks):
+    for result in run_distributed(_dispatch, 2, grouped, False, chunks):
         assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
         assert result["expert_grad"] > 0
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_dispatch_when_a_rank_receives_no_tokens(grouped):
+@pytest.mark.parametrize(("grouped", "chunks"), [(False, 1), (True, 1), (False, 4)])
+def test_dispatch_when_a_rank_receives_no_tokens(grouped, chunks):
     """The starved rank still runs the backward all-to-all its peer waits in (it hung)."""
-    starved, busy = run_distributed(_dispatch, 2, grouped, True, timeout=150)
+    starved, busy = run_distributed(_dispatch, 2, grouped, True, chunks, timeout=150)
     for result in (starved, busy):
         assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
     assert starved["expert_grad"] == 0 and busy["expert_grad"] > 0

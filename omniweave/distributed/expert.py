@@ -18,31 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from omniweave.distributed.overlap import start_all_to_all, wait_all_to_all
+
 EXPERTS_IMPLEMENTATION = "omniweave_ep"
-
-
-class _AllToAllSplits(torch.autograd.Function):
-    """Rows of ``x`` go to ranks in ``send`` sizes; ``receive`` sizes come back. Backward
-    is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x, send: list[int], receive: list[int], group) -> torch.Tensor:
-        ctx.sizes, ctx.group = (send, receive), group
-        out = x.new_empty((sum(receive), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        send, receive = ctx.sizes
-        out = grad.new_empty((sum(send), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), send, receive, group=ctx.group)
-        return out, None, None, None
-
-
-def all_to_all_rows(x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` of rows with split sizes (zeros allowed)."""
-    return _AllToAllSplits.apply(x, send, receive, group)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -82,8 +60,11 @@ def local_experts(
     return torch.cat(outputs)
 
 
-def make_experts_forward(group, grouped: bool = False):
-    """The ``ExpertsInterface`` function for the EP ``group`` (None: all experts local)."""
+def make_experts_forward(group, grouped: bool = False, chunks: int = 1):
+    """The ``ExpertsInterface`` function for the EP ``group`` (None: all experts local).
+    ``chunks``: the tokens go in that many consecutive parts, all dispatched at once, so
+    the exchange of later parts overlaps the expert compute of earlier ones, and each
+    part's results travel back while the next part computes."""
     ep = 1 if group is None else dist.get_world_size(group)
 
     def forward(
@@ -98,36 +79,83 @@ def make_experts_forward(group, grouped: bool = False):
         if ep > 1:
             gate_up, down = _ScaleGrad.apply(gate_up, 1 / ep), _ScaleGrad.apply(down, 1 / ep)
         per_rank = gate_up.shape[0]
-        num_experts = per_rank * ep
         top_k = top_k_index.shape[1]
-        # (token, expert) pairs in expert order, i.e. grouped by the rank holding the expert.
-        experts = top_k_index.flatten()
-        order = torch.argsort(experts, stable=True)
-        counts = torch.bincount(experts, minlength=num_experts)
-        received_counts = counts
+        parts = [
+            _Part(ids, top_k_index[ids], per_rank * ep)
+            for ids in torch.arange(len(top_k_index), device=top_k_index.device).tensor_split(
+                chunks
+            )
+        ]
+        counts = torch.stack([part.counts for part in parts])  # [part, expert]
+        counts = counts.view(len(parts), ep, per_rank).transpose(0, 1).contiguous()
+        received = counts  # [rank holding / sending, part, local expert]
         if ep > 1:
-            received_counts = torch.empty_like(counts)
-            dist.all_to_all_single(received_counts, counts, group=group)
-        send = counts.view(ep, per_rank).sum(1).tolist()
-        received_counts = received_counts.view(ep, per_rank)  # [source rank, local expert]
-        receive = received_counts.sum(1).tolist()
-        tokens = hidden_states[order // top_k]
-        arrived = all_to_all_rows(tokens, send, receive, group) if ep > 1 else tokens
-        # Arrived rows are grouped by source rank, then expert: regroup by expert.
-        local_ids = torch.arange(per_rank, device=experts.device).repeat(ep)
-        arrived_ids = local_ids.repeat_interleave(received_counts.flatten())
-        by_expert = torch.argsort(arrived_ids, stable=True)
-        computed = local_experts(
-            arrived[by_expert], arrived_ids[by_expert], gate_up, down, module.act_fn, grouped
-        )
-        results = torch.empty_like(computed)
-        results[by_expert] = computed
-        returned = all_to_all_rows(results, receive, send, group) if ep > 1 else results
-        weights = top_k_weights.flatten()[order].unsqueeze(1).to(returned.dtype)
+            received = torch.empty_like(counts)
+            dist.all_to_all_single(received, counts, group=group)
+        in_flight = []
+        for i, part in enumerate(parts):
+            part.send, part.receive = counts[:, i].sum(1).tolist(), received[:, i].sum(1).tolist()
+            tokens = hidden_states[part.token_of_pair(top_k)]
+            in_flight.append(_exchange(tokens, part.send, part.receive, group))
+        returning = []
+        for i, part in enumerate(parts):
+            arrived = _arrive(in_flight[i])
+            results = _by_source(arrived, received[:, i], gate_up, down, module.act_fn, grouped)
+            returning.append(_exchange(results, part.receive, part.send, group))
         output = torch.zeros_like(hidden_states)
-        return output.index_add(0, order // top_k, returned * weights)
+        for part, exchange in zip(parts, returning, strict=True):
+            weights = top_k_weights[part.ids].flatten()[part.order].unsqueeze(1)
+            returned = _arrive(exchange)
+            output = output.index_add(
+                0, part.token_of_pair(top_k), returned * weights.to(returned.dtype)
+            )
+        return output
 
     return forward
+
+
+class _Part:
+    """One consecutive part of the tokens: its (token, expert) pairs in expert order, i.e.
+    grouped by the rank holding the expert, and the pair count per expert."""
+
+    def __init__(self, ids: torch.Tensor, top_k_index: torch.Tensor, num_experts: int):
+        experts = top_k_index.flatten()
+        self.ids = ids
+        self.order = torch.argsort(experts, stable=True)
+        self.counts = torch.bincount(experts, minlength=num_experts)
+        self.send = self.receive = None
+
+    def token_of_pair(self, top_k: int) -> torch.Tensor:
+        return self.ids[self.order // top_k]
+
+
+def _exchange(rows: torch.Tensor, send: list[int], receive: list[int], group):
+    """Start sending ``rows`` (None group: nothing to exchange)."""
+    return (
+        (rows, None)
+        if group is None or len(send) == 1
+        else start_all_to_all(rows, group, send, receive)
+    )
+
+
+def _arrive(exchange) -> torch.Tensor:
+    rows, pending = exchange
+    return rows if pending is None else wait_all_to_all(rows, pending)
+
+
+def _by_source(arrived, received_counts, gate_up, down, act_fn, grouped) -> torch.Tensor:
+    """Run the local experts on rows that arrive grouped by source rank, then expert; the
+    results in arrival order."""
+    ep, per_rank = received_counts.shape
+    local_ids = torch.arange(per_rank, device=arrived.device).repeat(ep)
+    arrived_ids = local_ids.repeat_interleave(received_counts.flatten())
+    by_expert = torch.argsort(arrived_ids, stable=True)
+    computed = local_experts(
+        arrived[by_expert], arrived_ids[by_expert], gate_up, down, act_fn, grouped
+    )
+    results = torch.empty_like(computed)
+    results[by_expert] = computed
+    return results
 
 
 def check_experts(config, ep: int) -> None:
@@ -146,8 +174,9 @@ def check_experts(config, ep: int) -> None:
         )
 
 
-def apply_expert_parallel(model: nn.Module, group, grouped: bool = False) -> None:
+def apply_expert_parallel(model: nn.Module, group, grouped: bool = False, chunks: int = 1) -> None:
     """Route every fused-experts module through the EP dispatch of ``group`` (None: no EP,
-    for the grouped-GEMM compute alone)."""
-    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, make_experts_forward(group, grouped))
+    for the grouped-GEMM compute alone) in ``chunks`` overlapped parts."""
+    forward = make_experts_forward(group, grouped, chunks)
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, forward)
     model.config.get_text_config()._experts_implementation = EXPERTS_IMPLEMENTATION

@@ -18,35 +18,26 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 
+from omniweave.distributed.overlap import Pending, start_all_to_all, wait_all_to_all
 from omniweave.ops.attention import causal_attention
 
 
-class _AllToAll(torch.autograd.Function):
-    """Split ``scatter_dim`` over the group, gather ``gather_dim``; backward is the reverse."""
-
-    @staticmethod
-    def forward(ctx, x, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
-        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
-
-
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+def start_heads_to_tokens(x: torch.Tensor, group) -> tuple[torch.Tensor, Pending]:
+    """Launch the exchange ``[batch, heads, tokens/sp, dim] -> [batch, heads/sp, tokens, dim]``."""
     size = dist.get_world_size(group)
-    send = torch.stack(x.chunk(size, dim=scatter_dim)).contiguous()
-    received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
-    return torch.cat(received.unbind(0), dim=gather_dim)
+    return start_all_to_all(torch.stack(x.chunk(size, dim=1)), group)
+
+
+def wait_heads_to_tokens(buffer: torch.Tensor, pending: Pending) -> torch.Tensor:
+    return torch.cat(wait_all_to_all(buffer, pending).unbind(0), dim=2)
 
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
     """Differentiable all-to-all: ``x`` split along ``scatter_dim``, pieces joined along
     ``gather_dim`` in rank order."""
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group)
+    size = dist.get_world_size(group)
+    received = wait_all_to_all(*start_all_to_all(torch.stack(x.chunk(size, scatter_dim)), group))
+    return torch.cat(received.unbind(0), dim=gather_dim)
 
 
 def replicate_kv_heads(kv: torch.Tensor, sp: int) -> torch.Tensor:
@@ -57,9 +48,12 @@ def replicate_kv_heads(kv: torch.Tensor, sp: int) -> torch.Tensor:
     return kv if repeats == 1 else kv.repeat_interleave(repeats, dim=1)
 
 
-def make_attention(backend: str, group) -> callable:
-    """An attention function in transformers' signature: local tokens in, local tokens out."""
+def make_attention(backend: str, group, prefetched: dict | None = None) -> callable:
+    """An attention function in transformers' signature: local tokens in, local tokens out.
+    Q, K and V are exchanged concurrently; ``prefetched`` maps an attention module to its
+    value exchange already in flight (``prefetch_values``)."""
     sp = 1 if group is None else dist.get_world_size(group)
+    prefetched = {} if prefetched is None else prefetched
 
     def attention(
         module: nn.Module,
@@ -73,8 +67,15 @@ def make_attention(backend: str, group) -> callable:
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         if sp > 1:  # [batch, heads, tokens/sp, dim] -> [batch, heads/sp, tokens, dim]
-            key, value = replicate_kv_heads(key, sp), replicate_kv_heads(value, sp)
-            query, key, value = (all_to_all(t, 1, 2, group) for t in (query, key, value))
+            in_flight = prefetched.pop(module, None)
+            if in_flight is None:
+                in_flight = start_heads_to_tokens(replicate_kv_heads(value, sp), group)
+            started = [
+                start_heads_to_tokens(query, group),
+                start_heads_to_tokens(replicate_kv_heads(key, sp), group),
+                in_flight,
+            ]
+            query, key, value = (wait_heads_to_tokens(*exchange) for exchange in started)
         out = causal_attention(
             query,
             key,
@@ -103,12 +104,41 @@ def check_heads(config: PretrainedConfig, sp: int) -> None:
         )
 
 
-def apply_sequence_attention(model: nn.Module, backend: str, group) -> None:
+def apply_sequence_attention(
+    model: nn.Module, backend: str, group, async_values: bool = True
+) -> None:
     """Route the language model's attention through Ulysses (``group``) and per-segment
-    packed attention. Only the text config changes: vision/audio towers keep their own."""
+    packed attention. Only the text config changes: vision/audio towers keep their own.
+    ``async_values``: start each value exchange as soon as its projection is done."""
     name = f"omniweave_{backend}"
-    AttentionInterface.register(name, make_attention(backend, group))
+    prefetched = {}
+    if group is not None and dist.get_world_size(group) > 1 and async_values:
+        prefetch_values(model, group, prefetched)
+    AttentionInterface.register(name, make_attention(backend, group, prefetched))
     model.config.get_text_config()._attn_implementation = name
+
+
+def prefetch_values(model: nn.Module, group, prefetched: dict) -> int:
+    """A forward hook on each language-model attention's ``v_proj`` launches the value
+    all-to-all there (keyed by attention module in ``prefetched``), so it overlaps the
+    query/key norms and RoPE. The families we support use the projection's output as the
+    values unchanged. Returns the number of hooked layers."""
+    sp = dist.get_world_size(group)
+    text_config = model.config.get_text_config()
+    hooked = 0
+    for attention in model.modules():
+        projection = getattr(attention, "v_proj", None)
+        language = getattr(attention, "config", None) is text_config
+        if not language or projection is None or not hasattr(attention, "head_dim"):
+            continue  # vision/audio towers attend on their own, outside Ulysses
+
+        def start(_projection, _args, output, attention=attention):
+            values = output.view(*output.shape[:2], -1, attention.head_dim).transpose(1, 2)
+            prefetched[attention] = start_heads_to_tokens(replicate_kv_heads(values, sp), group)
+
+        projection.register_forward_hook(start)
+        hooked += 1
+    return hooked
 
 
 def split_sequence_inputs(module: nn.Module, group) -> None:

@@ -66,11 +66,13 @@ def build_model(
     grouped_experts: bool = False,
     omni: dict | None = None,
     activation_checkpointing: tuple[str, int] = ("none", 1),
+    ep_chunks: int = 1,
 ) -> nn.Module:
     """Meta-device init, EP, activation checkpointing (mode, every k-th block) and FSDP2 per
     the family's recipe, then load ``path`` or init from ``seed``. ``grouped_experts``: MoE
-    experts compute with one grouped GEMM. ``omni``: an OmniModel with these encoders in
-    front (``path`` then holds the foundation only)."""
+    experts compute with one grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped
+    parts. ``omni``: an OmniModel with these encoders in front (``path`` then holds the
+    foundation only)."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -85,7 +87,7 @@ def build_model(
         shard_parameters(model, plan, state.ep_mesh)
     if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
         group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
-        apply_expert_parallel(foundation, group, grouped_experts)
+        apply_expert_parallel(foundation, group, grouped_experts, ep_chunks)
     apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
     if needs_fsdp(state, dtype, cpu_offload):
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)

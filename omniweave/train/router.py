@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from omniweave.distributed.expert import all_to_all_rows
+from omniweave.distributed.overlap import all_to_all_rows
 
 
 def is_moe(model: nn.Module) -> bool:

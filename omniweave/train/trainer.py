@@ -125,6 +125,7 @@ class Trainer:
             cfg.parallel.grouped_experts,
             omni,
             (t.activation_checkpointing, t.activation_checkpointing_every),
+            ep_chunks=cfg.parallel.ep_chunks,
         )
         self.foundation = self.model.foundation if omni else self.model
         self.loss_head = None  # chunked: the LM head returns per-token losses
@@ -132,7 +133,12 @@ class Trainer:
             head = self.foundation.get_output_embeddings()
             self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
         if degrees.sp > 1 or d.packing:
-            apply_sequence_attention(self.model, cfg.model.attn_implementation, self.state.sp_group)
+            apply_sequence_attention(
+                self.model,
+                cfg.model.attn_implementation,
+                self.state.sp_group,
+                cfg.parallel.async_ulysses,
+            )
         if omni and degrees.sp > 1:  # embeddings are built whole; the decoder stack gets a slice
             split_sequence_inputs(self.foundation.model, self.state.sp_group)
         self.hf_config = hf_config
