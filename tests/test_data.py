@@ -12,7 +12,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from omniweave.data.commands import register
 from omniweave.data.corpora import fortunes_to_jsonl
-from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_record
+from omniweave.data.processors import (
+    IGNORE_INDEX,
+    load_tokenizer,
+    tokenize_multimodal,
+    tokenize_record,
+)
 from omniweave.data.records import read_records
 from omniweave.data.tokenizers import qwen_tokenizer, train_tokenizer
 
@@ -101,6 +106,11 @@ BAD_LINES = {
         "messages[0].content must be a string",
     ),
     "no assistant": ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant"),
+    "media alone": ('{"media": {"image": ["a.png"]}}', "next to 'text' or 'messages'"),
+    "media not lists": (
+        json.dumps({"messages": CHAT, "media": {"image": "a.png"}}),
+        "'media' must map modality names to lists of file paths",
+    ),
 }
 
 
@@ -237,6 +247,36 @@ def test_tokenize_messages_labels_only_assistant(tokenizer):
         if message["role"] != "assistant":
             assert message["content"] in unlabelled
     assert "<|im_start|>assistant\n" in unlabelled
+
+
+def test_messages_with_media_put_items_at_markers_and_learn_assistant_turns(tokenizer, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from omniweave.models.omni.encoders import VisionEncoder
+    from omniweave.models.omni.model import OmniParts
+
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "digit.png")
+    parts = OmniParts({"image": VisionEncoder(32, patch=2, grid=8)}, {"image": 399})
+    chat = [
+        {"role": "user", "content": "<image> What is two plus two?"},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "And three plus three? <image>"},
+        {"role": "assistant", "content": "Six, of course!"},
+    ]
+    record = {"messages": chat, "media": {"image": ["digit.png", "digit.png"]}}
+    sample = tokenize_multimodal(record, tokenizer, parts, str(tmp_path))
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids.count(399) == 2 * 16 and len(sample["media"]["image"]) == 2  # 4x4 patches each
+    assert all(label == IGNORE_INDEX for i, label in zip(ids, labels, strict=True) if i == 399)
+    assert torch.equal(sample["media"]["image"][1], sample["media"]["image"][0])
+    assert labelled_spans(tokenizer, sample) == ["Four.<|im_end|>", "Six, of course!<|im_end|>"]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tokenizer.decode([i for i in ids if i != 399]) == rendered.replace("<image>", "")
+    with pytest.raises(ValueError, match="more <image> markers than media files"):
+        one = {"messages": chat, "media": {"image": ["digit.png"]}}
+        tokenize_multimodal(one, tokenizer, parts, str(tmp_path))
 
 
 def test_tokenize_truncates(tokenizer):

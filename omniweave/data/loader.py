@@ -45,7 +45,7 @@ def load_samples(
         try:
             if record.get("media") and omni is None:
                 raise ValueError("has media but the model has no encoders (model.omni)")
-            if omni is not None and record.get("text") is not None:
+            if omni is not None:
                 tokens = tokenize_multimodal(record, tokenizer, omni, base_dir)
             else:
                 tokens = tokenize_record(record, tokenizer, max_seq_len + 1)

@@ -55,6 +55,19 @@ def _tokenize_text(prompt: str, text: str, tokenizer) -> tuple[list[int], list[i
 
 def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     """Label only the assistant turns: their content and the token that closes them."""
+    full, spans = _assistant_spans(messages, tokenizer)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for t, (start, _end) in enumerate(encoded["offset_mapping"]):
+        if any(lo <= start < hi for lo, hi in spans):
+            labels[t] = input_ids[t]
+    return input_ids, labels
+
+
+def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered by the chat template, and the character span of each
+    assistant turn in it."""
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template; messages records need one")
     full = _render(tokenizer, messages, add_generation_prompt=False)
@@ -69,13 +82,20 @@ def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list
         # The turn is the text the assistant message adds after its generation prompt;
         # trailing whitespace (the newline between turns) is template, not target.
         spans.append((len(before), len(through.rstrip())))
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoded["input_ids"]
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for t, (start, _end) in enumerate(encoded["offset_mapping"]):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[t] = input_ids[t]
-    return input_ids, labels
+    return full, spans
+
+
+def _labelled_pieces(record: dict, tokenizer) -> list[tuple[str, bool]]:
+    """A record's text in order, each piece with whether it is learned: ``prompt`` then
+    ``text``, or a rendered conversation whose assistant turns are learned."""
+    if record.get("text") is not None:
+        return [(record.get("prompt", ""), False), (record["text"], True)]
+    full, spans = _assistant_spans(record["messages"], tokenizer)
+    pieces, at = [], 0
+    for lo, hi in spans:
+        pieces += [(full[at:lo], False), (full[lo:hi], True)]
+        at = hi
+    return [*pieces, (full[at:], False)]
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -85,10 +105,12 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
 
 
 def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
-    """A text record with ``<modality>`` markers (``omni``: an ``OmniParts``). An encoder's
-    marker becomes ``num_tokens(item)`` placeholder ids (never labels); a decoder's marker
-    becomes the item's own tokens (``lm_encode``), which are labels unless in the record's
-    ``prompt``. Returns ``input_ids``, ``labels`` and the encoders' ``media`` tensors."""
+    """A text or messages record with ``<modality>`` markers (``omni``: an ``OmniParts``). An
+    encoder's marker becomes ``num_tokens(item)`` placeholder ids (never labels); a
+    decoder's marker becomes the item's own tokens (``lm_encode``), which are labels where
+    the text around them is (``text``, assistant turns). A text record ends with the
+    end-of-text token, a conversation with its template's. Returns ``input_ids``,
+    ``labels`` and the encoders' ``media`` tensors."""
     from omniweave.data.media import load_item
 
     parts = {**omni.encoders, **omni.decoders}
@@ -97,8 +119,11 @@ def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
     if unknown:
         raise ValueError(f"media of unknown modality {unknown}; the model has {sorted(parts)}")
     items = {m: [load_item(parts[m], base_dir, p) for p in paths.get(m, [])] for m in parts}
-    segments = [(piece, False) for piece in _segments(record.get("prompt", ""), parts)]
-    segments += [(piece, True) for piece in _segments(record["text"], parts)]
+    segments = [
+        (piece, labelled)
+        for text, labelled in _labelled_pieces(record, tokenizer)
+        for piece in _segments(text, parts)
+    ]
     ids, labels, used = [], [], dict.fromkeys(parts, 0)
     for (piece, modality), labelled in segments:
         if modality is None:
@@ -122,7 +147,8 @@ def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
     unused = [m for m in parts if used[m] != len(items[m])]
     if unused:
         raise ValueError(f"media without a <marker> in the text: {unused}")
-    ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    if record.get("text") is not None:
+        ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
     media = {m: items[m] for m in omni.encoders}
     return {"input_ids": ids, "labels": labels, "media": media}
 

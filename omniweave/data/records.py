@@ -1,5 +1,6 @@
-"""The sample schema: a record is ``{"text": str}`` or ``{"messages": [...]}``; a text
-record may carry ``"media": {modality: [paths]}`` (items at ``<modality>`` markers).
+"""The sample schema: a record is ``{"text": str}`` or ``{"messages": [...]}``; either may
+carry ``"media": {modality: [paths]}``, the items at the ``<modality>`` markers of its
+text or message contents, in order.
 
 ``read_records`` loads a whole ``.jsonl`` or ``.parquet`` file and validates every
 record, so that a bad sample fails up front with its file and line.
@@ -55,14 +56,16 @@ def validate_record(record: Any) -> str | None:
         return "has both 'text' and 'messages'; set exactly one"
     media = record.get("media")
     if media is not None and (
-        text is None
+        (text is None and messages is None)
         or not isinstance(media, dict)
         or not all(
             isinstance(paths, list) and all(isinstance(p, str) for p in paths)
             for paths in media.values()
         )
     ):
-        return "'media' must map modality names to lists of file paths, next to a 'text'"
+        return (
+            "'media' must map modality names to lists of file paths, next to 'text' or 'messages'"
+        )
     if text is not None:
         if not isinstance(text, str):
             return f"'text' must be a string, got {type(text).__name__}"
