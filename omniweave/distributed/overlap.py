@@ -43,8 +43,8 @@ class _Start(torch.autograd.Function):
     def backward(ctx, _stand_in):
         pending = ctx.pending
         pending.grad_work.wait()
-        grad, pending.grad = pending.grad, None
-        pending.grad_sent = None
+        grad = pending.grad
+        pending.grad_work = pending.grad = pending.grad_sent = None  # no cycle through the work
         return grad, None
 
 
@@ -53,7 +53,7 @@ class _Wait(torch.autograd.Function):
     def forward(ctx, out, pending: Pending):
         ctx.pending = pending
         pending.work.wait()
-        pending.sent = None
+        pending.work = pending.sent = None  # the work holds ``out``, whose graph holds us
         return out.view_as(out)
 
     @staticmethod
