@@ -6,6 +6,11 @@ OmniWeave packs the step's samples into rows under a token budget. Prints effect
 OmniWeave's "CPU MFU" (model FLOPs/s over the measured GEMM FLOP/s), and draws the curves
 overlaid (``--plot``).
 
+One process, because accelerate's FSDP does not run on CPU: under ``torchrun`` with 2 gloo
+processes, ``TrainingArguments(use_cpu=True, fsdp="full_shard", fsdp_config={"fsdp_version":
+2})`` trains a ``DistributedDataParallel`` model (``DistributedType.MULTI_CPU``; checked with
+transformers 5.24, accelerate 1.15), so no sharded HF run exists to compare against.
+
     make .data/tokenizer && .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/hf_trainer.py [--steps N] [--warmup K] [--batch B] [--threads T]
 """

@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("long_context", ["long_context.py"], "longest trainable sequence vs sp"),
     ("packing", ["packing.py"], "padded vs packed micro-batches"),
     ("moe", ["moe.py"], "MoE step time vs ep; grouped GEMM vs loop"),
+    ("overlap", ["overlap.py"], "async Ulysses and EP dispatch in parts vs synchronous"),
 ]
 
 

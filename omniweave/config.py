@@ -97,6 +97,8 @@ class TrainConfig:
     # chunked: LM head + loss a chunk of tokens at a time (no whole [tokens, vocab] logits)
     cross_entropy: str = _opt("naive", choices=("naive", "chunked"))
     cross_entropy_chunk: int = _opt(512, ge=1)  # tokens per chunk (x vocab x 4 bytes at a time)
+    kernels: str = _opt("torch", choices=("torch", "liger"))  # liger: fused ops on a CUDA GPU
+    compile: bool = False  # torch.compile each decoder block
     export_hf_at_end: bool = False  # `omniweave export --format hf` of the end state, in hf/
     max_bad_steps: int = _opt(10, ge=0)  # NaN/Inf steps in a row that stop the run; 0 = never
 

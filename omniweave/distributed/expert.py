@@ -80,12 +80,8 @@ def make_experts_forward(group, grouped: bool = False, chunks: int = 1):
             gate_up, down = _ScaleGrad.apply(gate_up, 1 / ep), _ScaleGrad.apply(down, 1 / ep)
         per_rank = gate_up.shape[0]
         top_k = top_k_index.shape[1]
-        parts = [
-            _Part(ids, top_k_index[ids], per_rank * ep)
-            for ids in torch.arange(len(top_k_index), device=top_k_index.device).tensor_split(
-                chunks
-            )
-        ]
+        tokens = torch.arange(len(top_k_index), device=top_k_index.device)
+        parts = [_Part(ids, top_k_index[ids], per_rank * ep) for ids in tokens.tensor_split(chunks)]
         counts = torch.stack([part.counts for part in parts])  # [part, expert]
         counts = counts.view(len(parts), ep, per_rank).transpose(0, 1).contiguous()
         received = counts  # [rank holding / sending, part, local expert]
@@ -130,12 +126,10 @@ class _Part:
 
 
 def _exchange(rows: torch.Tensor, send: list[int], receive: list[int], group):
-    """Start sending ``rows`` (None group: nothing to exchange)."""
-    return (
-        (rows, None)
-        if group is None or len(send) == 1
-        else start_all_to_all(rows, group, send, receive)
-    )
+    """Start sending ``rows``; ``(rows, None)`` when all experts are local."""
+    if group is None or len(send) == 1:
+        return rows, None
+    return start_all_to_all(rows, group, send, receive)
 
 
 def _arrive(exchange) -> torch.Tensor:

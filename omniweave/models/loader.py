@@ -26,6 +26,7 @@ from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import shard_parameters
 from omniweave.models.omni.model import ENCODER_UNITS, OmniModel
 from omniweave.models.registry import recipe_for
+from omniweave.ops.kernels import apply_kernels, compile_blocks
 
 Region = list[tuple[int, int]]  # (start, length) per tensor dim
 
@@ -67,12 +68,13 @@ def build_model(
     omni: dict | None = None,
     activation_checkpointing: tuple[str, int] = ("none", 1),
     ep_chunks: int = 1,
+    kernels: tuple[str, bool] = ("torch", False),
 ) -> nn.Module:
     """Meta-device init, EP, activation checkpointing (mode, every k-th block) and FSDP2 per
     the family's recipe, then load ``path`` or init from ``seed``. ``grouped_experts``: MoE
     experts compute with one grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped
     parts. ``omni``: an OmniModel with these encoders in front (``path`` then holds the
-    foundation only)."""
+    foundation only). ``kernels``: ``train.kernels`` and whether to compile each block."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -88,7 +90,10 @@ def build_model(
     if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
         group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
         apply_expert_parallel(foundation, group, grouped_experts, ep_chunks)
+    apply_kernels(foundation, kernels[0])
     apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
+    if kernels[1]:
+        compile_blocks(foundation, recipe.block_classes)
     if needs_fsdp(state, dtype, cpu_offload):
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
         apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)

@@ -16,6 +16,7 @@ from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
 from omniweave.ops.attention import check_backend
+from omniweave.ops.kernels import check_kernels
 from omniweave.train.checkpoint import resolve_resume
 
 
@@ -24,6 +25,7 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     p = cfg.parallel
     degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
     check_backend(cfg.model.attn_implementation)
+    check_kernels(cfg.train.kernels)
     resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
     check_heads(hf_config, degrees.sp)

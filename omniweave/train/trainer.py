@@ -126,6 +126,7 @@ class Trainer:
             omni,
             (t.activation_checkpointing, t.activation_checkpointing_every),
             ep_chunks=cfg.parallel.ep_chunks,
+            kernels=(t.kernels, t.compile),
         )
         self.foundation = self.model.foundation if omni else self.model
         self.loss_head = None  # chunked: the LM head returns per-token losses
