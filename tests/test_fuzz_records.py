@@ -161,8 +161,8 @@ def media_item(draw, modality: str) -> tuple[str, str, tuple[tuple[str, bytes], 
 
 @st.composite
 def media_lines(draw) -> Line:
-    """A text record with media: each item valid, missing, unreadable or wrongly shaped;
-    optionally with one marker too many, one item without marker, or an unknown modality."""
+    """A text or messages record with media: each item valid, missing, unreadable or wrongly
+    shaped; optionally with one marker too many, one item without marker, or an unknown modality."""
     modalities = draw(st.lists(st.sampled_from(sorted(ENCODERS)), min_size=1, max_size=3))
     items = [draw(media_item(modality)) for modality in modalities]
     media: dict[str, list[str]] = {}
@@ -184,9 +184,15 @@ def media_lines(draw) -> Line:
         markers.append("<smell>")
         outcome, reasons = "fail", ["media of unknown modality"]
     split = draw(st.integers(0, len(markers)))
-    record = {"text": " ".join(["", draw(words), *markers[split:]]), "media": media}
-    if split:
-        record["prompt"] = " ".join([*markers[:split], draw(words)])
+    prompt, text = (
+        " ".join([*markers[:split], draw(words)]),
+        " ".join(["", draw(words), *markers[split:]]),
+    )
+    if draw(st.booleans()):
+        turns = [{"role": "user", "content": prompt}] if split else []
+        record = {"messages": [*turns, {"role": "assistant", "content": text}], "media": media}
+    else:
+        record = {"text": text, "media": media, **({"prompt": prompt} if split else {})}
     files = tuple(file for _, _, item_files in items for file in item_files)
     outcomes = (outcome, "|".join(reasons))
     return Line(_dump(record), with_encoders=outcomes, without=("fail", NO_ENCODERS), files=files)
@@ -284,7 +290,7 @@ MALFORMED = [
         "'media' must map",
     ),
     (
-        st.just(_dump({"messages": [{"role": "assistant", "content": "x"}], "media": {}})),
+        st.just(_dump({"media": {}})),
         "'media' must map",
     ),
 ]
