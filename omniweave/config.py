@@ -97,6 +97,9 @@ class TrainConfig:
     # chunked: LM head + loss a chunk of tokens at a time (no whole [tokens, vocab] logits)
     cross_entropy: str = _opt("naive", choices=("naive", "chunked"))
     cross_entropy_chunk: int = _opt(512, ge=1)  # tokens per chunk (x vocab x 4 bytes at a time)
+    # The loss is the mean over the batch's target tokens, or over its samples (each sample's
+    # own token mean), so short answers (a spoken digit) weigh as much as long ones (an image).
+    loss_average: str = _opt("tokens", choices=("tokens", "samples"))
     kernels: str = _opt("torch", choices=("torch", "liger"))  # liger: fused ops on a CUDA GPU
     compile: bool = False  # torch.compile each decoder block
     export_hf_at_end: bool = False  # `omniweave export --format hf` of the end state, in hf/

@@ -21,9 +21,10 @@ STEPS, GLOBAL_BATCH, LR, WARMUP, MAX_LEN = 5, 8, 1e-3, 2, 128
 
 
 def reference_losses(
-    model_path: str, corpus: dict, attn: str = "sdpa"
+    model_path: str, corpus: dict, attn: str = "sdpa", average: str = "tokens"
 ) -> list[tuple[float, float]]:
-    """(loss, grad norm) per step: token-mean loss over each global batch, in file order."""
+    """(loss, grad norm) per step: the token-mean loss over each global batch, in file order,
+    or with ``average="samples"`` the mean over its samples of each sample's token mean."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -56,7 +57,11 @@ def reference_losses(
             input_ids = torch.tensor([sample["input_ids"]])
             targets = torch.tensor(sample["labels"][1:])
             logits = model(input_ids=input_ids).logits[0, :-1]
-            loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
+            loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+            if average == "samples":
+                loss = loss / (int((targets != -100).sum()) * len(batch))
+            else:
+                loss = loss / count
             loss.backward()
             total += loss.item()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,6 +198,41 @@ def test_sequence_parallel_and_packing_match_unsharded_reference(models, corpus,
             for name, curve in curves.items():
                 if name.startswith(f"{family} {backend}"):
                     _assert_close(curve, reference, name)
+
+
+def test_sample_mean_loss_matches_unsharded_reference(models, corpus, tmp_path):
+    """``train.loss_average: samples`` in padded rows, packed rows under SP, and a token budget
+    (samples split over micro-batches and ranks), against the plain loop's sample mean."""
+    path = models["qwen2"]
+    layouts = {
+        "dp_shard=4 accumulate 2": {"parallel.dp_shard": 4, "train.micro_batch_size": 1},
+        "dp_shard=2 x sp=2 packed": {
+            "parallel.dp_shard": 2,
+            "parallel.sp": 2,
+            "data.packing": True,
+            "train.micro_batch_size": 2,
+        },
+        "budget": {
+            "parallel.dp_shard": 2,
+            "parallel.sp": 2,
+            "data.packing": True,
+            "data.max_tokens_per_microbatch": 160,
+        },
+    }
+    runs = [
+        (name, _overrides(path, corpus, str(tmp_path / str(index)), **extra))
+        for index, (name, extra) in enumerate(layouts.items())
+    ]
+    for _, overrides in runs:
+        overrides.append("--train.loss_average=samples")
+    per_rank = run_distributed(_train_runs, 4, runs)
+    assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
+    reference = reference_losses(path, corpus, average="samples")
+    token_mean = reference_losses(path, corpus)
+    # The two averages differ (at random init mostly in the gradient, 18% at step 1).
+    assert abs(reference[0][1] - token_mean[0][1]) > 0.05 * token_mean[0][1], "no difference"
+    for name, curve in per_rank[0].items():
+        _assert_close(curve, reference, name)
 
 
 def test_ranks_hold_unequal_token_counts(corpus):

@@ -32,6 +32,26 @@ class MicroBatch:
         return int((self.targets != IGNORE_INDEX).sum())
 
     @property
+    def sample_weights(self) -> torch.Tensor:
+        """Float ``[rows, tokens]``: 1 / its sample's number of targets at each target, else 0
+        (a sample-mean loss weighs every sample alike, however many targets it has)."""
+        labelled = self.targets != IGNORE_INDEX
+        if self.cu_seqlens is None:  # one sample per row
+            return labelled / labelled.sum(1, keepdim=True).clamp(min=1)
+        sizes = self.cu_seqlens.diff().long()
+        segment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        counts = torch.zeros(len(sizes)).index_add_(0, segment, labelled[0].float())
+        return labelled / counts[segment].clamp(min=1).unsqueeze(0)
+
+    @property
+    def labelled_samples(self) -> int:
+        """Samples with at least one target (the padding segment of a packed row has none)."""
+        labelled = self.targets != IGNORE_INDEX
+        if self.cu_seqlens is None:
+            return int(labelled.any(1).sum())
+        return sum(bool(part.any()) for part in labelled[0].split(self.cu_seqlens.diff().tolist()))
+
+    @property
     def real(self) -> torch.Tensor:
         """Bool ``[rows, tokens]``: True for sample tokens, False for padding."""
         position = torch.arange(self.input_ids.shape[1])

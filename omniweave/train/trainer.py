@@ -204,6 +204,7 @@ class Trainer:
         counts = torch.tensor(
             [
                 sum(batch.label_tokens for batch in batches),
+                sum(batch.labelled_samples for batch in batches),
                 sum(lengths),
                 sum(n * n for n in lengths),
                 sum(batch.input_ids.numel() for batch in batches),
@@ -216,22 +217,32 @@ class Trainer:
             device=device,
         )
         dist.all_reduce(counts, group=self.state.dp_mesh.get_group())
-        label_tokens, input_tokens, squared_lengths, row_tokens, *output_tokens = counts.tolist()
+        label_tokens, samples, input_tokens, squared_lengths, row_tokens, *output_tokens = (
+            counts.tolist()
+        )
+        by_sample = self.cfg.train.loss_average == "samples"
         # Gradients are averaged over all ranks (data- and sequence-parallel): scale so the
-        # result is the sum of token losses over the global batch / its number of label tokens.
-        scale = self.state.degrees.dp * self.state.degrees.sp / label_tokens
+        # result is the sum of token losses over the global batch / its number of label tokens
+        # (or / its samples, each token loss weighted by 1 / its sample's label tokens).
+        denominator = samples if by_sample else label_tokens
+        scale = self.state.degrees.dp * self.state.degrees.sp / denominator
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        output_sums = torch.zeros(len(self.output_ranges), dtype=torch.float64, device=device)
+        # Each output modality's token-loss sum, then all tokens' (unweighted) for the text's.
+        output_sums = torch.zeros(len(self.output_ranges) + 1, dtype=torch.float64, device=device)
         aux_sum, expert_counts = 0.0, None
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
             token_losses, targets, router_logits = self._token_loss(batch)
-            token_loss = token_losses.sum()
+            if by_sample:
+                token_loss = (token_losses * self._local(batch.sample_weights).flatten()).sum()
+            else:
+                token_loss = token_losses.sum()
             loss = token_loss * scale
             for slot, modality in enumerate(self.output_ranges):
                 in_range = self._in_range(targets, modality)
                 output_sums[slot] += token_losses.detach()[in_range].sum()
+            output_sums[-1] += token_losses.detach().sum()
             if router_logits is not None:
                 aux, expert_tokens = self.router_loss(
                     router_logits, self._local(batch.real).flatten()
@@ -257,12 +268,11 @@ class Trainer:
         per_modality = {}
         if self.output_ranges:  # text and each output modality's own token-mean loss
             dist.all_reduce(output_sums, group=self.state.loss_mesh.get_group())
+            *modality_sums, all_sum = output_sums.tolist()
             text_tokens = label_tokens - sum(output_tokens)
-            per_modality["loss_text"] = (float(loss_sum) - float(output_sums.sum())) / max(
-                text_tokens, 1
-            )
+            per_modality["loss_text"] = (all_sum - sum(modality_sums)) / max(text_tokens, 1)
             for modality, total, tokens in zip(
-                self.output_ranges, output_sums.tolist(), output_tokens, strict=True
+                self.output_ranges, modality_sums, output_tokens, strict=True
             ):
                 per_modality[f"loss_{modality}"] = total / tokens if tokens else None
         flops = self.dense_flops * input_tokens + self.attention_flops * squared_lengths
@@ -277,7 +287,7 @@ class Trainer:
         return {
             **moe,
             **per_modality,
-            "loss": float(loss_sum) / label_tokens + coefficient * aux_sum,
+            "loss": float(loss_sum) / denominator + coefficient * aux_sum,
             "grad_norm": float(grad_norm),
             "bad": bad,
             "lr": lr,
