@@ -63,7 +63,7 @@ $(DEBROOT)/.omni:
 	else echo "demo: skipped installing $(SPEECH_PACKAGES) (needs root and apt-get)"; fi
 	touch $@
 
-$(OMNI)/train.jsonl: $(DEBROOT)/.omni | $(VENV)
+$(OMNI)/train.jsonl: $(DEBROOT)/.omni omniweave/data/demo.py omniweave/data/demo_sources.py | $(VENV)
 	$(BIN)/omniweave data build-demo $(OMNI) --root $(DEBROOT)
 
 $(OMNI)/tokenizer: $(OMNI)/train.jsonl

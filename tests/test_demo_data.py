@@ -14,7 +14,14 @@ import torch
 import yaml
 
 from omniweave.data import demo_sources as src
-from omniweave.data.demo import EVAL_DIGITS, WORD_MARGIN, build_demo
+from omniweave.data.demo import (
+    EVAL_DIGITS,
+    SPEECH_REPEATS,
+    WORD_MARGIN,
+    WORD_SILENCE,
+    WORD_SPEEDS,
+    build_demo,
+)
 from omniweave.data.loader import load_samples
 from omniweave.data.media import load_image
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_multimodal
@@ -52,6 +59,12 @@ def _halves(audio: np.ndarray, text: str) -> list[tuple[str, int, int]]:
     return [(word, i * share, (i + 1) * share) for i, word in enumerate(words)]
 
 
+def _trimmed(clip: np.ndarray) -> np.ndarray:
+    """The clip from its first to its last sample louder than 1e-3."""
+    loud = np.flatnonzero(np.abs(clip) > 1e-3)
+    return clip[loud[0] : loud[-1] + 1]
+
+
 def _lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -60,20 +73,33 @@ def test_tasks_and_held_out_split(demo):
     out, counts = demo
     train = len(src.handwritten_digits()[0]) - EVAL_DIGITS
     draw, video = len(range(1, train, 3)), len(range(0, train, 3))
-    assert counts == {"caption": train, "draw": draw, "video": video, "asr": 4, "text": 2}
+    asr = SPEECH_REPEATS * (1 + len(WORD_SPEEDS))  # the phrase, its word at each speed
+    assert counts == {"caption": train, "draw": draw, "video": video, "asr": asr, "text": 2}
     records, prompts = _lines(out / "train.jsonl"), _lines(out / "eval.jsonl")
     speech = {
-        r["prompt"] + r["text"]: r["media"]["audio"][0]
+        r["media"]["audio"][0]: r["prompt"] + r["text"]
         for r in records
         if "audio" in r.get("media", {})
     }
     # one-word prompts are left out; the phrase's digit word is cut out at its aligned span
-    assert set(speech) == {"<audio> transcribe: folder five", "<audio> transcribe: five"}
-    phrase, word = (
-        sf.read(out / speech[f"<audio> transcribe:{t}"])[0] for t in (" folder five", " five")
-    )
-    margin = WORD_MARGIN
-    np.testing.assert_allclose(word, phrase[len(phrase) // 2 - margin :], atol=1e-4)
+    assert set(speech.values()) == {"<audio> transcribe: folder five", "<audio> transcribe: five"}
+    (phrase,) = (sf.read(out / p)[0] for p, text in speech.items() if text.endswith("folder five"))
+    cuts = {
+        float(path.rsplit("_x", 1)[1].removesuffix(".wav")): sf.read(out / path)[0]
+        for path, text in speech.items()
+        if text.endswith(": five")
+    }
+    assert sorted(cuts) == sorted(WORD_SPEEDS)
+    word = _trimmed(phrase[len(phrase) // 2 - WORD_MARGIN :])
+    np.testing.assert_allclose(_trimmed(cuts[1.0]), word, atol=1e-4)
+    low, high = WORD_SILENCE
+    for speed, clip in cuts.items():  # the 300 Hz tone, played faster or slower, in silence
+        loud = _trimmed(clip)
+        assert len(loud) == pytest.approx(len(word) / speed, abs=2)
+        lead = np.flatnonzero(clip)[0]
+        assert low <= lead <= high + 1 and low <= len(clip) - lead - len(loud) <= high + 1
+        pitch = np.abs(np.fft.rfft(loud)).argmax() * 8000 / len(loud)
+        assert pitch == pytest.approx(300 * speed, abs=5), speed
     assert sorted(p["label"] for p in prompts if p["task"] == "asr") == list(range(10))
     assert sum(p["task"] == "caption" for p in prompts) == EVAL_DIGITS
     trained = {path for r in records for paths in r.get("media", {}).values() for path in paths}

@@ -31,6 +31,12 @@ SPEECH_REPEATS = 2
 # (1 process, speech alone, 300 steps x 64, seeds 0-3) her held-out digits are read 8/8/8/8 of
 # 10; without, 4/7/8/7. Each cut keeps this many samples (50 ms) either side of the word.
 WORD_MARGIN = 400
+# She says each digit only two to thirteen times in her phrases: each cut is also written
+# 10% slower and 10% faster (tempo and pitch together, ASR's speed perturbation).
+WORD_SPEEDS = (0.9, 1.0, 1.1)
+# Her held-out digits are recordings of their own, with 0.07-0.32 s of silence either side;
+# a cut has next to none, so each is set in 0.1-0.3 s of silence (at random) on each side.
+WORD_SILENCE = (800, 2400)  # samples
 # One instruction per task: when emoji names shared the digits' "describe:", digit
 # captioning fell from 88% to 8% (300 steps, 1 process); a prompt of their own restores it.
 PROMPTS = {
@@ -99,7 +105,7 @@ def build_demo(
     else:
         notes.append("skipped emoji: install Debian's fonts-noto-color-emoji")
 
-    train += SPEECH_REPEATS * _speech(out, root, evaluation, notes, synthesize)
+    train += SPEECH_REPEATS * _speech(out, root, evaluation, notes, synthesize, rng)
 
     folder = os.path.join(root, src.FORTUNES)
     if os.path.isdir(folder):
@@ -122,9 +128,11 @@ def build_demo(
     return dict(counts)
 
 
-def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool) -> list[dict]:
+def _speech(
+    out: str, root: str, evaluation: list, notes: list, synthesize: bool, rng
+) -> list[dict]:
     """Speech recognition records; Allison's digit recordings go to ``evaluation``."""
-    records = _allison(out, root, evaluation, notes)
+    records = _allison(out, root, evaluation, notes, rng)
     utterances = src.pocketsphinx_utterances(root)
     for index, (path, text, raw_rate) in enumerate(utterances):
         name = f"audio/pocketsphinx_{index:02d}.wav"
@@ -158,7 +166,7 @@ def _speech(out: str, root: str, evaluation: list, notes: list, synthesize: bool
     return records
 
 
-def _allison(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
+def _allison(out: str, root: str, evaluation: list, notes: list, rng) -> list[dict]:
     """Records of Allison's real phrases and of the digit words cut from them (by forced
     alignment); her recordings of the ten digit words go to ``evaluation``."""
     held_out = src.allison_digits(root)
@@ -187,15 +195,21 @@ def _allison(out: str, root: str, evaluation: list, notes: list) -> list[dict]:
             continue
         for k, (word, start, end) in enumerate(align(audio, text)):
             if word in src.DIGIT_WORDS:
-                name = f"audio/allison_prompt_{index:03d}_word_{k}.wav"
-                clip = audio[max(0, start - WORD_MARGIN) : end + WORD_MARGIN]
-                src.save_wav(os.path.join(out, name), clip)
-                words.append(_record("asr", f" {word}", PROMPTS["asr"], audio=name))
+                cut = audio[max(0, start - WORD_MARGIN) : end + WORD_MARGIN]
+                for speed in WORD_SPEEDS:
+                    name = f"audio/allison_prompt_{index:03d}_word_{k}_x{speed}.wav"
+                    lead, trail = rng.integers(*WORD_SILENCE, size=2, endpoint=True)
+                    clip = [np.zeros(lead), src.change_speed(cut, speed), np.zeros(trail)]
+                    src.save_wav(os.path.join(out, name), np.concatenate(clip))
+                    words.append(_record("asr", f" {word}", PROMPTS["asr"], audio=name))
     notes.append(f"audio: {len(phrases)} real Allison phrases (+ {len(held_out)} digits held out)")
     if align is None:
         notes.append("skipped Allison's digit words cut from her phrases: pip install pocketsphinx")
     else:
-        notes.append(f"audio: {len(words)} of her digit words cut from her phrases (pocketsphinx)")
+        notes.append(
+            f"audio: {len(words) // len(WORD_SPEEDS)} of her digit words cut from her phrases"
+            f" (pocketsphinx), each at {len(WORD_SPEEDS)} speeds"
+        )
     return phrases + words
 
 

@@ -117,6 +117,16 @@ def read_audio(path: str, raw_rate: int | None = None) -> np.ndarray:
     return load_wav(path, SAMPLE_RATE).numpy()
 
 
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """``audio`` played ``factor`` times as fast: shorter and higher for a factor above 1."""
+    import torch
+
+    from omniweave.data.media import resample
+
+    rate = round(SAMPLE_RATE * factor)
+    return resample(torch.from_numpy(audio), rate, SAMPLE_RATE).numpy()
+
+
 def save_wav(path: str, audio: np.ndarray) -> None:
     import soundfile as sf
 
