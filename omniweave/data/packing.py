@@ -31,25 +31,29 @@ class MicroBatch:
     def label_tokens(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
+    def _targets_per_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's number of targets (a packed row's padding segment counts as a sample
+        without targets), and each token's sample index, ``[rows, tokens]``."""
+        labelled = self.targets != IGNORE_INDEX
+        if self.cu_seqlens is None:  # one sample per row
+            sample = torch.arange(labelled.shape[0]).unsqueeze(1).expand_as(labelled)
+        else:
+            sizes = self.cu_seqlens.diff().long()
+            sample = torch.repeat_interleave(torch.arange(len(sizes)), sizes).unsqueeze(0)
+        counts = torch.zeros(int(sample.max()) + 1)
+        return counts.index_add_(0, sample.flatten(), labelled.flatten().float()), sample
+
     @property
     def sample_weights(self) -> torch.Tensor:
         """Float ``[rows, tokens]``: 1 / its sample's number of targets at each target, else 0
         (a sample-mean loss weighs every sample alike, however many targets it has)."""
-        labelled = self.targets != IGNORE_INDEX
-        if self.cu_seqlens is None:  # one sample per row
-            return labelled / labelled.sum(1, keepdim=True).clamp(min=1)
-        sizes = self.cu_seqlens.diff().long()
-        segment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        counts = torch.zeros(len(sizes)).index_add_(0, segment, labelled[0].float())
-        return labelled / counts[segment].clamp(min=1).unsqueeze(0)
+        counts, sample = self._targets_per_sample()
+        return (self.targets != IGNORE_INDEX) / counts[sample].clamp(min=1)
 
     @property
     def labelled_samples(self) -> int:
-        """Samples with at least one target (the padding segment of a packed row has none)."""
-        labelled = self.targets != IGNORE_INDEX
-        if self.cu_seqlens is None:
-            return int(labelled.any(1).sum())
-        return sum(bool(part.any()) for part in labelled[0].split(self.cu_seqlens.diff().tolist()))
+        """Samples with at least one target."""
+        return int((self._targets_per_sample()[0] > 0).sum())
 
     @property
     def real(self) -> torch.Tensor:
