@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = _opt("float32", choices=("float32", "bfloat16"))  # bf16: fp32 master + reduce
     attn_implementation: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     omni: dict | None = field(default=None, metadata={"required_keys": ("encoders",)})
+    processor: dict | None = None  # options of a native multimodal model's image processor
 
 
 @dataclass

@@ -65,14 +65,16 @@ def hf_model(family: str, seed: int = 0, **overrides):
 IMAGE_TOKEN, VISION_START, VISION_END = 500, 502, 503
 
 
-def tiny_qwen2_vl(seed: int = 0):
-    """A tiny Qwen2-VL (2 text layers with multimodal RoPE, a 1-block vision tower)."""
+def tiny_qwen2_vl(seed: int = 0, image_token: int = IMAGE_TOKEN):
+    """A tiny Qwen2-VL (2 text layers with multimodal RoPE, a 1-block vision tower); its
+    image, video, vision start and end tokens are ``image_token`` and the next 3 ids, the
+    vocabulary ends after them or at 512."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=512,
+            vocab_size=max(512, image_token + 4),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -87,10 +89,10 @@ def tiny_qwen2_vl(seed: int = 0):
             depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=4,
             spatial_merge_size=2, temporal_patch_size=2,
         ),
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=501,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
+        image_token_id=image_token,
+        video_token_id=image_token + 1,
+        vision_start_token_id=image_token + 2,
+        vision_end_token_id=image_token + 3,
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config).float()

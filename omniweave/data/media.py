@@ -29,6 +29,14 @@ def load_image(path: str, channels: int, patch: int) -> torch.Tensor:
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
+def load_image_file(path: str):
+    """An RGB PIL image, read whole (for a Hugging Face image processor)."""
+    from PIL import Image
+
+    with _malformed_image(), Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def load_frames(path: str, channels: int, patch: int) -> torch.Tensor:
     """``[frames, channels, H, W]`` of an animated image (GIF, APNG, WebP) in [0, 1]."""
     from PIL import Image, ImageSequence

@@ -56,6 +56,14 @@ class MicroBatch:
         return int((self._targets_per_sample()[0] > 0).sum())
 
     @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(row, start, length) of each sample, in order."""
+        if self.cu_seqlens is None:
+            return [(row, 0, n) for row, n in enumerate(self.lengths)]
+        starts = self.cu_seqlens[: len(self.lengths)].tolist()
+        return [(0, start, n) for start, n in zip(starts, self.lengths, strict=True)]
+
+    @property
     def real(self) -> torch.Tensor:
         """Bool ``[rows, tokens]``: True for sample tokens, False for padding."""
         position = torch.arange(self.input_ids.shape[1])

@@ -138,8 +138,10 @@ def tokenize_multimodal(record: dict, tokenizer, omni, base_dir: str) -> dict:
                 if not count:
                     path = paths[modality][used[modality] - 1]
                     raise ValueError(f"{path}: too small for the {modality} encoder (no tokens)")
-                ids += [omni.placeholders[modality]] * count
-                labels += [IGNORE_INDEX] * count
+                before, after = omni.brackets.get(modality, ([], []))
+                marked = before + [omni.placeholders[modality]] * count + after
+                ids += marked
+                labels += [IGNORE_INDEX] * len(marked)
                 continue
             tokens = omni.decoders[modality].lm_encode([item])[0]
         ids += tokens

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from omniweave.distributed.activations import apply_activation_checkpointing
 from omniweave.distributed.expert import apply_expert_parallel
@@ -25,7 +25,7 @@ from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import shard_parameters
 from omniweave.models.omni.model import ENCODER_UNITS, OmniModel
-from omniweave.models.registry import recipe_for
+from omniweave.models.registry import model_from_config, recipe_for
 from omniweave.ops.kernels import apply_kernels, compile_blocks
 
 Region = list[tuple[int, int]]  # (start, length) per tensor dim
@@ -77,9 +77,10 @@ def build_model(
     foundation only). ``kernels``: ``train.kernels`` and whether to compile each block."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
-        model = foundation = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = foundation = model_from_config(config)
         if omni:
             model = OmniModel.from_config(foundation, omni["encoders"])
+    renamings = checkpoint_renamings(foundation)
     prefix = "foundation." if omni else ""
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:
@@ -106,7 +107,7 @@ def build_model(
             module.reset_buffers()
     std = getattr(config, "initializer_range", 0.02)
     if path:
-        load_safetensors(foundation, path)
+        load_safetensors(foundation, path, renamings)
         if omni:
             init_random(model.encoders, seed, std)
     else:
@@ -150,15 +151,29 @@ def checkpoint_files(path: str) -> dict[str, str]:
         return dict.fromkeys(f.keys(), single)
 
 
+def checkpoint_renamings(model: nn.Module) -> list:
+    """HF's renamings of checkpoint names to ``model``'s (e.g. Qwen2-VL files keep
+    ``visual.*`` and ``model.layers.*``; the model has ``model.visual.*`` and
+    ``model.language_model.layers.*``). Taken before FSDP, which renames the classes."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
 @torch.no_grad()
-def load_safetensors(model: nn.Module, path: str) -> None:
+def load_safetensors(model: nn.Module, path: str, renamings: list = ()) -> None:
     """Copy each parameter's local region from the checkpoint, reading nothing else.
 
     Fused expert weights (``experts.gate_up_proj`` / ``experts.down_proj``) are also
     read from HF's per-expert layout (``experts.{e}.gate_proj.weight``...), one
     expert at a time, only for the experts this rank holds.
     """
-    files = checkpoint_files(path)
+    from transformers.core_model_loading import apply_renamings
+
+    stored = checkpoint_files(path)
+    original = {apply_renamings(key, renamings): key for key in stored}  # model's -> file's
+    files = {name: stored[key] for name, key in original.items()}
     params = dict(model.named_parameters())
     pieces = {name: _pieces(name, param.shape, files) for name, param in params.items()}
     missing = sorted(name for name, found in pieces.items() if found is None)
@@ -170,7 +185,7 @@ def load_safetensors(model: nn.Module, path: str) -> None:
         def read(key: str, index: tuple[slice, ...]) -> torch.Tensor:
             if files[key] not in handles:
                 handles[files[key]] = stack.enter_context(safe_open(files[key], "pt"))
-            return handles[files[key]].get_slice(key)[index]
+            return handles[files[key]].get_slice(original[key])[index]
 
         for name, param in params.items():
             region = local_region(param)

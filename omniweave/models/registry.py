@@ -4,13 +4,16 @@ A recipe is data. ``shard_units`` are module-name globs, each matched module
 becoming one FSDP unit (its parameters are gathered together, just in time).
 ``expert_plan`` maps expert parameters to their placement on the ``ep`` mesh
 axis; ``expert_units`` are the modules holding them (FSDP units of their own,
-sharded over the FSDP ranks that hold the same experts).
+sharded over the FSDP ranks that hold the same experts). ``model_class`` names the
+``transformers`` class that builds the model from its config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
 from torch.distributed.tensor import Placement, Shard
 
 EXPERTS = "model.layers.*.mlp.experts"
@@ -24,6 +27,7 @@ class ModelRecipe:
     shard_units: tuple[str, ...] = ("model.embed_tokens", "model.layers.*", "lm_head")
     expert_plan: tuple[tuple[str, Placement], ...] = ()
     expert_units: tuple[str, ...] = ()
+    model_class: str = "AutoModelForCausalLM"
 
 
 def _moe(model_type: str, block: str) -> ModelRecipe:
@@ -53,6 +57,7 @@ RECIPES: dict[str, ModelRecipe] = {
                 "model.language_model.layers.*",
                 "lm_head",
             ),
+            model_class="Qwen2_5OmniThinkerForConditionalGeneration",
         ),
         ModelRecipe(
             "qwen2_vl",
@@ -64,6 +69,7 @@ RECIPES: dict[str, ModelRecipe] = {
                 "model.language_model.layers.*",
                 "lm_head",
             ),
+            model_class="AutoModelForImageTextToText",
         ),
     )
 }
@@ -79,3 +85,12 @@ def recipe_for(model_type: str) -> ModelRecipe:
             f"model_type '{model_type}' has no recipe in omniweave.models.registry; "
             f"supported families: {supported}."
         ) from None
+
+
+def model_from_config(config) -> nn.Module:
+    """A randomly initialised fp32 model of ``config``, built by its family's class."""
+    import transformers
+
+    cls = getattr(transformers, recipe_for(config.model_type).model_class)
+    build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
+    return build(config, dtype=torch.float32)

@@ -15,6 +15,7 @@ from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
+from omniweave.models.native import NATIVE_FAMILIES
 from omniweave.ops.attention import check_backend
 from omniweave.ops.kernels import check_kernels
 from omniweave.train.checkpoint import resolve_resume
@@ -28,6 +29,17 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     check_kernels(cfg.train.kernels)
     resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, cfg.model.attn_implementation)
+    native = hf_config.model_type in NATIVE_FAMILIES
+    if native and cfg.model.omni:
+        raise ValueError(
+            f"model.omni: a {hf_config.model_type} model has its own vision tower, which "
+            "reads the records' media; drop model.omni."
+        )
+    if cfg.model.processor and not native:
+        raise ValueError(
+            "model.processor applies only to native multimodal models "
+            f"({', '.join(NATIVE_FAMILIES)}); drop it."
+        )
     check_heads(hf_config, degrees.sp)
     check_experts(hf_config, degrees.ep)
     budget = cfg.data.max_tokens_per_microbatch

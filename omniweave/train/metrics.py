@@ -23,6 +23,7 @@ def flops_per_token(model: nn.Module, config) -> tuple[float, float]:
     params = sum(p.numel() for p in model.parameters())
     if embedding is not output:
         params -= embedding.numel()
+    config = config.get_text_config()  # a multimodal model's language model
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 6.0 * params, 12.0 * config.num_hidden_layers * heads * head_dim

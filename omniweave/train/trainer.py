@@ -30,6 +30,7 @@ from omniweave.distributed.ulysses import (
     split_sequence_inputs,
 )
 from omniweave.models.loader import build_model
+from omniweave.models.native import NativeInputs, native_parts
 from omniweave.models.omni.model import (
     OmniParts,
     build_decoders,
@@ -65,7 +66,7 @@ class Trainer:
             quiet_this_rank()
         seed_everything(cfg.train.seed)
         omni = cfg.model.omni
-        self.omni_parts = None
+        self.omni_parts = native_parts(hf_config, cfg.model.path, cfg.model.processor)
         if omni:
             import_plugins(omni)
             text_config = hf_config.get_text_config()
@@ -129,6 +130,7 @@ class Trainer:
             kernels=(t.kernels, t.compile),
         )
         self.foundation = self.model.foundation if omni else self.model
+        self.native = NativeInputs(self.model) if self.omni_parts and not omni else None
         self.loss_head = None  # chunked: the LM head returns per-token losses
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
@@ -140,8 +142,9 @@ class Trainer:
                 self.state.sp_group,
                 cfg.parallel.async_ulysses,
             )
-        if omni and degrees.sp > 1:  # embeddings are built whole; the decoder stack gets a slice
-            split_sequence_inputs(self.foundation.model, self.state.sp_group)
+        if self.omni_parts and degrees.sp > 1:  # embeddings are built whole; the stack gets a slice
+            stack = self.model.model.language_model if self.native else self.foundation.model
+            split_sequence_inputs(stack, self.state.sp_group)
         self.hf_config = hf_config
         self.router_loss = (
             RouterLoss(self.foundation, self.state.loss_mesh.get_group())
@@ -310,17 +313,21 @@ class Trainer:
         extra = {} if batch.cu_seqlens is None else {"cu_seq_lens_q": batch.cu_seqlens}
         if self.router_loss is not None:
             extra["output_router_logits"] = True
-        if self.foundation is self.model:
-            inputs = {
-                "input_ids": self._local(batch.input_ids),
-                "position_ids": self._local(batch.position_ids),
-            }
-        else:  # OmniModel: the whole sequence; the decoder stack takes its slice
-            device = self.state.device
+        device = self.state.device
+        if self.native is not None:  # the whole sequence; the decoder stack takes its slice
+            input_ids = batch.input_ids.to(device)
+            images = batch.media.get("image", [])
+            inputs = {"input_ids": input_ids, **self.native(input_ids, batch.segments, images)}
+        elif self.foundation is not self.model:  # OmniModel: the same
             inputs = {
                 "input_ids": batch.input_ids.to(device),
                 "position_ids": batch.position_ids.to(device),
                 "media": batch.media,
+            }
+        else:
+            inputs = {
+                "input_ids": self._local(batch.input_ids),
+                "position_ids": self._local(batch.position_ids),
             }
         targets = self._local(batch.targets).flatten()
         if self.loss_head is not None:

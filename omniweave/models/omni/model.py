@@ -24,11 +24,14 @@ ENCODER_UNITS = ("encoders.*.blocks.layers.*", "encoders.*")  # FSDP units (glob
 @dataclass
 class OmniParts:
     """What data loading needs of an OmniModel config: encoders (for token counts and file
-    formats), their placeholder ids, and the output decoders (which tokenize targets)."""
+    formats), their placeholder ids, and the output decoders (which tokenize targets).
+    ``brackets``: ids put before and after an item's placeholders, per modality (a native
+    model's layout, e.g. Qwen2-VL's vision start and end tokens)."""
 
     encoders: dict[str, nn.Module]
     placeholders: dict[str, int]
     decoders: dict[str, nn.Module] = field(default_factory=dict)
+    brackets: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
 
 
 def import_plugins(omni: dict) -> None:
