@@ -101,8 +101,11 @@ def tiny_qwen2_vl(seed: int = 0, image_token: int = IMAGE_TOKEN):
 AUDIO_TOKEN, OMNI_IMAGE_TOKEN, AUDIO_START, AUDIO_END = 500, 501, 505, 506
 
 
-def tiny_qwen2_5_omni_thinker(seed: int = 0):
-    """A tiny Qwen2.5-Omni thinker: 1-layer audio and vision towers, 2 text layers (M-RoPE)."""
+def tiny_qwen2_5_omni_thinker(seed: int = 0, audio_token: int = AUDIO_TOKEN):
+    """A tiny Qwen2.5-Omni thinker: 1-layer audio and vision towers, 2 text layers (M-RoPE).
+    Its special tokens are ``audio_token`` and the next 6 ids (as ``AUDIO_TOKEN``...
+    ``AUDIO_END`` are 500...506); the vocabulary ends after them or at 512."""
+    shift = audio_token - AUDIO_TOKEN
     import torch
     from transformers import (
         Qwen2_5OmniThinkerConfig,
@@ -111,7 +114,7 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0):
 
     config = Qwen2_5OmniThinkerConfig(
         text_config=dict(
-            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            vocab_size=max(512, AUDIO_END + shift + 1), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2,
             rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
         ),
@@ -123,9 +126,10 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0):
             d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
             num_mel_bins=16, output_dim=64, max_source_positions=100, n_window=8,
         ),
-        audio_token_id=AUDIO_TOKEN, image_token_id=OMNI_IMAGE_TOKEN, video_token_id=502,
-        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-        audio_start_token_id=AUDIO_START, audio_end_token_id=AUDIO_END,
+        audio_token_id=AUDIO_TOKEN + shift, image_token_id=OMNI_IMAGE_TOKEN + shift,
+        video_token_id=502 + shift, vision_start_token_id=VISION_START + shift,
+        vision_end_token_id=VISION_END + shift, audio_start_token_id=AUDIO_START + shift,
+        audio_end_token_id=AUDIO_END + shift,
     )  # fmt: skip
     torch.manual_seed(seed)
     return Qwen2_5OmniThinkerForConditionalGeneration(config).float()

@@ -1,6 +1,7 @@
-"""A native HF multimodal model (Qwen2-VL as shipped) trained by ``omniweave train`` on image
-records: sharded and sequence-parallel runs against HF's own single-process model, which
-computes its multimodal RoPE positions itself, one sample per forward."""
+"""Native HF multimodal models (Qwen2-VL, the Qwen2.5-Omni thinker, as shipped) trained by
+``omniweave train`` on image and audio records: sharded and sequence-parallel runs against
+HF's own single-process model, which computes its multimodal RoPE positions itself, one
+sample per forward."""
 
 from __future__ import annotations
 
@@ -15,62 +16,103 @@ from tests.distributed import run_distributed
 from tests.models import tiny_qwen2_vl
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
-IMAGE_TOKEN = 512  # above the corpus BPE's 512 ids
+FIRST_SPECIAL = 512  # the models' media tokens come after the corpus BPE's 512 ids
 PROCESSOR = {"size": {"shortest_edge": 64, "longest_edge": 576}}  # 8x8 to 24x24 pixels
+# Media of the 12 records, in order. At 2 data-parallel ranks (samples 0, 2 | 1, 3 in step 1):
+# Qwen2-VL: rank 0 has no image in step 1, no rank has one in step 2. The thinker: rank 0
+# has only images and rank 1 only audio in step 1, rank 1 has neither in step 3.
+MEDIA = {
+    "qwen2_vl": ["", "image", "", "image", "", "", "", "", "image", "image", "", "image"],
+    "qwen2_5_omni_thinker": [
+        "image", "audio", "", "audio", "image audio", "", "", "image", "audio", "", "image", "",
+    ],
+}  # fmt: skip
+MODELS = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "tiny_qwen2_vl", "image_token"),
+    "qwen2_5_omni_thinker": (
+        "Qwen2_5OmniThinkerForConditionalGeneration", "tiny_qwen2_5_omni_thinker", "audio_token",
+    ),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def vl_data(tmp_path_factory, corpus) -> dict[str, str]:
-    """12 records: images of 3 sizes with a caption, and plain text. In step 1 the samples
-    of one data-parallel rank (of 2) have no image, in step 2 none of any rank."""
+def native_data(tmp_path_factory, corpus) -> dict[str, dict[str, str]]:
+    """Per family: records with captioned images of 3 sizes, tones of 3 lengths (16 kHz)
+    and plain text (see ``MEDIA``), and the tiny model saved by ``save_pretrained``."""
+    import soundfile
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("vl")
+    from tests import models
+
+    root = tmp_path_factory.mktemp("native")
     rng = np.random.default_rng(0)
     words = ["red", "blue", "square", "noise", "a", "picture", "of", "the", "cat"]
-    with_image = [False, True, False, True, False, False, False, False, True, True, False, True]
     sizes = [(16, 24), (24, 24), (8, 16)]
-    lines = []
-    for index, image in enumerate(with_image):
-        caption = " ".join(rng.choice(words, size=3 + index % 4))
-        if not image:
-            lines.append({"text": caption})
-            continue
-        height, width = sizes[index % 3]
-        name = f"{index}.png"
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / name)
-        lines.append(
-            {"prompt": "look <image> :", "text": " " + caption, "media": {"image": [name]}}
-        )
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    model_dir = root / "model"
-    tiny_qwen2_vl(seed=3, image_token=IMAGE_TOKEN).save_pretrained(model_dir)
-    return {**corpus, "train_path": str(data), "model_path": str(model_dir), "out": str(root)}
+    data = {}
+    for family, media in MEDIA.items():
+        lines = []
+        for index, kinds in enumerate(media):
+            caption = " ".join(rng.choice(words, size=3 + index % 4))
+            files = {}
+            for kind in kinds.split():
+                name = f"{family}_{index}.{'png' if kind == 'image' else 'wav'}"
+                if kind == "image":
+                    pixels = rng.integers(0, 256, (*sizes[index % 3], 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(root / name)
+                else:
+                    seconds = np.arange(1600 * (2 + index % 3)) / 16_000
+                    soundfile.write(root / name, np.sin(2e3 * seconds * (1 + index)), 16_000)
+                files[kind] = [name]
+            if not files:
+                lines.append({"text": caption})
+                continue
+            prompt = " ".join(f"<{kind}>" for kind in files) + " :"
+            lines.append({"prompt": prompt, "text": " " + caption, "media": files})
+        path = root / f"{family}.jsonl"
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        _, builder, token = MODELS[family]
+        model_dir = root / family
+        getattr(models, builder)(seed=3, **{token: FIRST_SPECIAL}).save_pretrained(model_dir)
+        data[family] = {
+            **corpus, "train_path": str(path), "model_path": str(model_dir), "out": str(root),
+        }  # fmt: skip
+    return data
 
 
 def _samples(data: dict):
-    from omniweave.config import load_config
     from omniweave.data.loader import load_samples
     from omniweave.data.processors import load_tokenizer
     from omniweave.models.loader import load_hf_config
     from omniweave.models.native import native_parts
 
-    cfg = load_config(None, [f"--model.path={data['model_path']}"])
-    config = load_hf_config(cfg.model.path, None, "sdpa")
-    parts = native_parts(config, cfg.model.path, PROCESSOR)
+    config = load_hf_config(data["model_path"], None, "sdpa")
+    parts = native_parts(config, data["model_path"], PROCESSOR)
     tokenizer = load_tokenizer(data["tokenizer_path"])
     samples, _, _ = load_samples(data["train_path"], tokenizer, 256, "error", parts)
+    assert len(samples) == GLOBAL_BATCH * STEPS
     return samples
 
 
-def _reference(data: dict) -> list[tuple[float, float]]:
-    """HF's model as shipped: one sample per forward, its own M-RoPE positions (from
-    ``mm_token_type_ids``), torch's AdamW and clip_grad_norm_."""
-    from transformers import Qwen2VLForConditionalGeneration
+def _hf_media_inputs(media: dict) -> dict:
+    """A sample's media as its HF processor gives them to the model."""
+    inputs = {}
+    if media.get("image"):
+        inputs["pixel_values"] = torch.cat([i.pixel_values for i in media["image"]])
+        inputs["image_grid_thw"] = torch.cat([i.grid_thw for i in media["image"]])
+    if media.get("audio"):
+        (audio,) = media["audio"]
+        inputs["input_features"] = audio.features[None]
+        inputs["feature_attention_mask"] = torch.ones(1, audio.features.shape[-1], dtype=int)
+    return inputs
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(data["model_path"], dtype=torch.float32)
+
+def _reference(family: str, data: dict) -> list[tuple[float, float]]:
+    """HF's model as shipped: one sample per forward, its own M-RoPE positions (from the
+    token types or the attention mask), torch's AdamW and clip_grad_norm_."""
+    import transformers
+
+    cls = getattr(transformers, MODELS[family][0])
+    model = cls.from_pretrained(data["model_path"], dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
     samples = _samples(data)
     results = []
@@ -80,14 +122,12 @@ def _reference(data: dict) -> list[tuple[float, float]]:
         total = 0.0
         for sample in batch:
             ids = torch.tensor([sample.input_ids])
-            images = {}
-            if sample.media["image"]:
-                images = {
-                    "pixel_values": torch.cat([i.pixel_values for i in sample.media["image"]]),
-                    "image_grid_thw": torch.cat([i.grid_thw for i in sample.media["image"]]),
-                }
-            types = (ids == IMAGE_TOKEN).int()
-            logits = model(input_ids=ids, mm_token_type_ids=types, **images).logits[0, :-1]
+            if family == "qwen2_vl":
+                rope = {"mm_token_type_ids": (ids == FIRST_SPECIAL).int()}
+            else:
+                rope = {"attention_mask": torch.ones_like(ids)}
+            inputs = _hf_media_inputs(sample.media)
+            logits = model(input_ids=ids, **rope, **inputs).logits[0, :-1]
             targets = torch.tensor(sample.labels[1:])
             loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
             loss.backward()
@@ -115,7 +155,7 @@ def _train(data: dict, layouts: dict[str, list[str]]) -> dict[str, list[tuple[fl
             "data.tokenizer_path": data["tokenizer_path"],
             "data.max_seq_len": 256,
             "data.shuffle": False,
-            "train.output_dir": f"{data['out']}/{name}",
+            "train.output_dir": f"{data['model_path']}_runs/{name}",
             "train.max_steps": STEPS,
             "train.global_batch_size": GLOBAL_BATCH,
             "train.lr": LR,
@@ -133,8 +173,10 @@ def _train(data: dict, layouts: dict[str, list[str]]) -> dict[str, list[tuple[fl
     return curves
 
 
-def test_qwen2_vl_trains_sharded_and_sequence_parallel_like_hf(vl_data):
-    reference = _reference(vl_data)
+@pytest.mark.parametrize("family", list(MEDIA))
+def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, family):
+    data = native_data[family]
+    reference = _reference(family, data)
     layouts = {
         "dp2_sp2_packed": [
             "--parallel.dp_shard=2",
@@ -144,7 +186,7 @@ def test_qwen2_vl_trains_sharded_and_sequence_parallel_like_hf(vl_data):
         ],
         "dp4_padded": ["--parallel.dp_shard=4", "--train.micro_batch_size=1"],
     }
-    per_rank = run_distributed(_train, 4, vl_data, layouts)
+    per_rank = run_distributed(_train, 4, data, layouts)
     for name in layouts:
         curve = per_rank[0][name]
         assert len(curve) == STEPS

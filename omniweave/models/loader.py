@@ -117,9 +117,10 @@ def build_model(
 
 
 def _init_buffers(model: nn.Module) -> None:
-    """Recompute buffers (rotary frequencies) that ``to_empty`` left uninitialised."""
+    """Recompute the buffers that ``to_empty`` left uninitialised (rotary frequencies,
+    sinusoidal position tables) by the family's own init, module by module."""
     for module in model.modules():
-        if "RotaryEmbedding" in type(module).__name__:
+        if any(b is not None for b in module._buffers.values()) and not module._parameters:
             model._init_weights(module)
 
 

@@ -1,27 +1,28 @@
-"""Hugging Face multimodal models trained as shipped: Qwen2-VL.
+"""Hugging Face multimodal models trained as shipped: Qwen2-VL and the Qwen2.5-Omni thinker.
 
-A record's ``<image>`` marker becomes the processor's token layout,
-``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``,
-and the image itself the image processor's ``pixel_values`` / ``image_grid_thw``.
-Per micro-batch, ``NativeInputs`` gives the model its pixels and the multimodal
-RoPE positions of every sample (computed per sample, so they restart in a packed
-row), and keeps the vision tower in step across ranks: a rank whose micro-batch
-has no image runs the tower on a dummy image, times zero, so the FSDP collectives
-of every rank match and the gradients equal the unsharded run's.
+A record's ``<image>`` / ``<audio>`` marker becomes the processor's token layout (e.g.
+``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``),
+and the file itself the HF image processor's ``pixel_values`` / ``image_grid_thw`` or
+the Whisper feature extractor's log-mel ``input_features``. Per micro-batch,
+``NativeInputs`` gives the model these inputs and the multimodal RoPE positions of
+every sample (computed per sample, so they restart in a packed row), and keeps the
+towers in step across ranks (``keep_in_step``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from omniweave.data.media import load_image_file
+from omniweave.data.media import load_image_file, load_wav
 from omniweave.models.omni.model import OmniParts
 
-NATIVE_FAMILIES = ("qwen2_vl",)
+NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_omni_thinker")
+SAMPLE_RATE = 16_000  # Whisper features
 
 
 @dataclass
@@ -30,26 +31,37 @@ class ImageItem:
     grid_thw: torch.Tensor  # [1, 3]: the image in patches (time, height, width)
 
 
-class Qwen2VLImages:
-    """Reads image files into the model's inputs with the HF image processor (PIL backend):
-    ``preprocessor_config.json`` of ``model.path`` if it has one, else the vision config's
-    patch sizes with ``options`` (e.g. ``size: {shortest_edge: 3136, longest_edge: 50176}``,
-    the fewest and most pixels an image is resized to)."""
+@dataclass
+class AudioItem:
+    features: torch.Tensor  # [mel bins, frames]
 
-    def __init__(self, config, path: str | None, options: dict):
+
+def _preprocessor(path: str | None, cls, options: dict, **defaults):
+    """``cls`` from ``model.path``'s ``preprocessor_config.json`` if it has one, else from
+    ``defaults``; ``options`` (``model.processor``) override either."""
+    if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        return cls.from_pretrained(path, **options)
+    return cls(**{**defaults, **options})
+
+
+class ImageFiles:
+    """Image files read by the HF Qwen2-VL image processor (PIL backend). Its ``size:
+    {shortest_edge, longest_edge}`` options are the fewest and most pixels an image is
+    resized to."""
+
+    def __init__(self, vision, path: str | None, options: dict):
         from transformers import Qwen2VLImageProcessorPil
 
-        vision = config.vision_config
-        if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-            self.processor = Qwen2VLImageProcessorPil.from_pretrained(path, **options)
-        else:
-            self.processor = Qwen2VLImageProcessorPil(
-                patch_size=vision.patch_size,
-                merge_size=vision.spatial_merge_size,
-                temporal_patch_size=vision.temporal_patch_size,
-                **options,
-            )
+        self.processor = _preprocessor(
+            path,
+            Qwen2VLImageProcessorPil,
+            options,
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        )
         self.merge = vision.spatial_merge_size
+        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
 
     def load_item(self, path: str) -> ImageItem:
         out = self.processor(images=[load_image_file(path)], return_tensors="pt")
@@ -58,79 +70,197 @@ class Qwen2VLImages:
     def num_tokens(self, item: ImageItem) -> int:
         return int(item.grid_thw.prod()) // self.merge**2
 
+    def dummy_item(self) -> ImageItem:
+        m = self.merge
+        return ImageItem(torch.zeros(m * m, self.patch_dim), torch.tensor([[1, m, m]]))
+
+
+class AudioFiles:
+    """Audio files as Whisper log-mel features (at 16 kHz, not padded to 30 s), for the
+    Qwen2.5-Omni audio tower: two stride-2 stages, so about one token per 4 frames."""
+
+    def __init__(self, audio, path: str | None, options: dict):
+        from transformers import WhisperFeatureExtractor
+
+        self.extractor = _preprocessor(
+            path,
+            WhisperFeatureExtractor,
+            options.get("audio", {}),
+            feature_size=audio.num_mel_bins,
+            sampling_rate=SAMPLE_RATE,
+        )
+        self.window = audio.n_window
+
+    def load_item(self, path: str) -> AudioItem:
+        waveform = load_wav(path, SAMPLE_RATE).numpy()
+        out = self.extractor(
+            waveform, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
+            return_tensors="pt",
+        )  # fmt: skip
+        return AudioItem(out["input_features"][0])
+
+    def num_tokens(self, item: AudioItem) -> int:
+        after_conv = (item.features.shape[-1] - 1) // 2 + 1
+        return (after_conv - 2) // 2 + 1
+
+    def dummy_item(self) -> AudioItem:
+        return AudioItem(torch.zeros(self.extractor.feature_size, 2 * self.window))
+
 
 def native_parts(config, path: str | None, options: dict | None) -> OmniParts | None:
     """What data loading needs of a native multimodal model; None for a text-only family."""
     if config.model_type not in NATIVE_FAMILIES:
         return None
-    return OmniParts(
-        {"image": Qwen2VLImages(config, path, options or {})},
-        {"image": config.image_token_id},
-        brackets={"image": ([config.vision_start_token_id], [config.vision_end_token_id])},
-    )
+    options = dict(options or {})
+    audio_options = {"audio": options.pop("audio", {})}
+    encoders = {"image": ImageFiles(config.vision_config, path, options)}
+    placeholders = {"image": config.image_token_id}
+    brackets = {"image": ([config.vision_start_token_id], [config.vision_end_token_id])}
+    if config.model_type == "qwen2_5_omni_thinker":
+        encoders["audio"] = AudioFiles(config.audio_config, path, audio_options)
+        placeholders["audio"] = config.audio_token_id
+        brackets["audio"] = ([config.audio_start_token_id], [config.audio_end_token_id])
+    return OmniParts(encoders, placeholders, brackets=brackets)
+
+
+def _image_inputs(items: list[ImageItem]) -> dict:
+    if not items:
+        return {}
+    return {
+        "pixel_values": torch.cat([item.pixel_values for item in items]),
+        "image_grid_thw": torch.cat([item.grid_thw for item in items]),
+    }
+
+
+def _audio_inputs(items: list[AudioItem]) -> dict:
+    """``input_features [audios, mel, frames]`` right-padded, and their frame mask."""
+    if not items:
+        return {}
+    longest = max(item.features.shape[-1] for item in items)
+    features = torch.zeros(len(items), items[0].features.shape[0], longest)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    for index, item in enumerate(items):
+        frames = item.features.shape[-1]
+        features[index, :, :frames] = item.features
+        mask[index, :frames] = 1
+    return {"input_features": features, "feature_attention_mask": mask}
 
 
 class NativeInputs:
     """The model inputs of a micro-batch beyond its token ids, for a native model."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        config = model.config
-        self.image_token = config.image_token_id
-        vision = config.vision_config
-        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        merge = self.merge = vision.spatial_merge_size
-        self.dummy = ImageItem(
-            torch.zeros(merge * merge, patch_dim), torch.tensor([[1, merge, merge]])
-        )
-        keep_in_step(model.model.visual, model.model.language_model, self._dummy_pass)
+    def __init__(self, model: nn.Module, parts: OmniParts):
+        self.model, self.parts = model, parts
+        self.thinker = model.config.model_type == "qwen2_5_omni_thinker"
+        inner = model.model
+        towers = [(inner.visual, lambda: self._dummy_pass("image"))]
+        if self.thinker:  # its forward runs the audio tower first
+            towers.insert(0, (inner.audio_tower, lambda: self._dummy_pass("audio")))
+        keep_in_step(towers, inner.language_model)
 
-    def __call__(self, input_ids: torch.Tensor, segments: list[tuple[int, int, int]], images):
-        """``pixel_values``, ``image_grid_thw`` and ``position_ids`` ``[3, rows, tokens]``.
+    def __call__(self, input_ids: torch.Tensor, segments: list[tuple[int, int, int]], media):
+        """The media inputs and ``position_ids`` ``[3, rows, tokens]`` of a micro-batch.
         ``segments``: (row, start, length) of each sample, in order; the rest is padding."""
-        grids = [item.grid_thw for item in images]
         device = input_ids.device
         positions = torch.arange(input_ids.shape[1], device=device).expand(3, *input_ids.shape)
         positions = positions.clone()
-        used = 0
+        used = dict.fromkeys(self.parts.encoders, 0)
         for row, start, length in segments:
             ids = input_ids[row : row + 1, start : start + length]
-            mask = (ids == self.image_token).int()
-            count, tokens = 0, int(mask.sum())
-            while tokens > 0:
-                tokens -= int(grids[used + count].prod()) // self.merge**2
-                count += 1
-            thw = torch.cat(grids[used : used + count]) if count else None
-            rope, _ = self.model.model.get_rope_index(ids, mask, image_grid_thw=thw)
-            positions[:, row, start : start + length] = rope[:, 0]
-            used += count
+            items = {}
+            for modality, encoder in self.parts.encoders.items():
+                tokens = int((ids == self.parts.placeholders[modality]).sum())
+                first = used[modality]
+                while tokens > 0:
+                    tokens -= encoder.num_tokens(media[modality][used[modality]])
+                    used[modality] += 1
+                items[modality] = media.get(modality, [])[first : used[modality]]
+            positions[:, row, start : start + length] = self._rope(ids, items)[:, 0]
         inputs = {"position_ids": positions}
-        if images:
-            inputs["pixel_values"] = torch.cat([item.pixel_values for item in images]).to(device)
-            inputs["image_grid_thw"] = torch.cat(grids).to(device)
-        return inputs
+        inputs.update(_image_inputs(media.get("image", [])))
+        inputs.update(_audio_inputs(media.get("audio", [])))
+        return {key: value.to(device) for key, value in inputs.items()}
 
-    def _dummy_pass(self) -> torch.Tensor:
+    def _rope(self, ids: torch.Tensor, items: dict[str, list]) -> torch.Tensor:
+        """``[3, 1, tokens]`` M-RoPE positions of one sample, by the model's own function."""
+        grids = _image_inputs(items["image"]).get("image_grid_thw")
+        if not self.thinker:
+            mask = (ids == self.parts.placeholders["image"]).int()
+            return self.model.model.get_rope_index(ids, mask, image_grid_thw=grids)[0]
+        frames = [item.features.shape[-1] for item in items["audio"]]
+        return self.model.model.get_rope_index(
+            ids,
+            image_grid_thw=grids,
+            attention_mask=torch.ones_like(ids),
+            audio_seqlens=torch.tensor(frames) if frames else None,
+        )[0]
+
+    def _dummy_pass(self, modality: str) -> torch.Tensor:
+        """The tower of ``modality`` run by the model's own method on a dummy item; the sum of
+        its outputs (so every parameter is in the graph)."""
         device = self.model.get_input_embeddings().weight.device
-        return self.model.model.visual(
-            self.dummy.pixel_values.to(device), grid_thw=self.dummy.grid_thw.to(device)
-        ).pooler_output
+        item = self.parts.encoders[modality].dummy_item()
+        if modality == "image":
+            out = self.model.model.get_image_features(
+                **{k: v.to(device) for k, v in _image_inputs([item]).items()}
+            )
+        else:
+            out = self.model.model.get_audio_features(
+                **{k: v.to(device) for k, v in _audio_inputs([item]).items()}
+            )
+        return _total(out)
 
 
-def keep_in_step(tower: nn.Module, stack: nn.Module, dummy_pass) -> None:
-    """Make ``tower`` run once in every forward that reaches ``stack``: where it did not run,
-    ``dummy_pass()`` runs it and its output enters ``stack``'s inputs times zero (so the
-    backward pass reaches the tower too)."""
-    ran = [False]
+def _total(output) -> torch.Tensor:
+    """The sum of every tensor in a model output (nested tuples and dicts)."""
+    if torch.is_tensor(output):
+        return output.sum()
+    values = output.values() if isinstance(output, dict) else output
+    return sum(_total(value) for value in values if value is not None)
 
-    def mark(*_):
-        ran[0] = True
+
+def keep_in_step(towers: list[tuple[nn.Module, Callable]], stack: nn.Module) -> None:
+    """Make each tower (in the order the model runs them) run exactly once in every forward
+    that reaches ``stack``, on every rank alike. Before a tower runs, and before ``stack``
+    runs, each earlier tower that has not run is run by its ``dummy_pass()``; the dummy
+    outputs enter ``stack``'s inputs times zero, so the backward pass reaches those towers
+    too. So a rank whose micro-batch has no image or audio gathers and reduces the same
+    FSDP units in the same order as the others, and its gradients are those of the
+    unsharded run. (A step without, say, any image on any rank gives the vision tower zero
+    gradients, so Adam's momentum still moves it.)"""
+    ran = [False] * len(towers)
+    pending = []
+
+    def catch_up(upto: int) -> None:
+        for index in range(upto):
+            if not ran[index]:
+                pending.append(towers[index][1]())
+
+    def marker(index):
+        def mark(*_):
+            ran[index] = True
+
+        return mark
+
+    def before(index):
+        def hook(_module, args, kwargs):
+            catch_up(index)
+            return args, kwargs
+
+        return hook
+
+    for index, (tower, _) in enumerate(towers):
+        tower.register_forward_hook(marker(index))
+        # Before FSDP's own pre-hook (which gathers this tower), so gathers keep their order.
+        tower.register_forward_pre_hook(before(index), with_kwargs=True, prepend=True)
 
     def before_stack(_module, args, kwargs):
-        if not ran[0]:
-            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * dummy_pass().sum()
-        ran[0] = False
+        catch_up(len(towers))
+        if pending:
+            extra = sum(pending).to(kwargs["inputs_embeds"].device)
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * extra
+        pending.clear()
+        ran[:] = [False] * len(towers)
         return args, kwargs
 
-    tower.register_forward_hook(mark)
     stack.register_forward_pre_hook(before_stack, with_kwargs=True)

@@ -130,7 +130,7 @@ class Trainer:
             kernels=(t.kernels, t.compile),
         )
         self.foundation = self.model.foundation if omni else self.model
-        self.native = NativeInputs(self.model) if self.omni_parts and not omni else None
+        self.native = NativeInputs(self.model, self.omni_parts) if self.omni_parts and not omni else None
         self.loss_head = None  # chunked: the LM head returns per-token losses
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
@@ -316,8 +316,7 @@ class Trainer:
         device = self.state.device
         if self.native is not None:  # the whole sequence; the decoder stack takes its slice
             input_ids = batch.input_ids.to(device)
-            images = batch.media.get("image", [])
-            inputs = {"input_ids": input_ids, **self.native(input_ids, batch.segments, images)}
+            inputs = {"input_ids": input_ids, **self.native(input_ids, batch.segments, batch.media)}
         elif self.foundation is not self.model:  # OmniModel: the same
             inputs = {
                 "input_ids": batch.input_ids.to(device),
