@@ -114,8 +114,8 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0, audio_token: int = AUDIO_TOKEN):
 
     config = Qwen2_5OmniThinkerConfig(
         text_config=dict(
-            vocab_size=max(512, AUDIO_END + shift + 1), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=max(512, AUDIO_END + shift + 1), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
         ),
         vision_config=dict(

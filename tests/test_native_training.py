@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import run_distributed
-from tests.models import tiny_qwen2_vl
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
 FIRST_SPECIAL = 512  # the models' media tokens come after the corpus BPE's 512 ids

@@ -130,7 +130,9 @@ class Trainer:
             kernels=(t.kernels, t.compile),
         )
         self.foundation = self.model.foundation if omni else self.model
-        self.native = NativeInputs(self.model, self.omni_parts) if self.omni_parts and not omni else None
+        self.native = None  # a native multimodal model's media inputs and M-RoPE positions
+        if self.omni_parts and not omni:
+            self.native = NativeInputs(self.model, self.omni_parts)
         self.loss_head = None  # chunked: the LM head returns per-token losses
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
