@@ -156,3 +156,27 @@ def tiny_run_args(corpus: dict, family: str, out: str, **settings) -> list[str]:
         **settings,
     }
     return [f"--{key}={json.dumps(value)}" for key, value in base.items()]
+
+
+def tiny_qwen2_5_vl(seed: int = 0, image_token: int = IMAGE_TOKEN):
+    """A tiny Qwen2.5-VL (windowed 1-block vision tower, 2 text layers with M-RoPE); its
+    media tokens are ``image_token`` and the next 3 ids, as in ``tiny_qwen2_vl``."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=max(512, image_token + 4), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=image_token, video_token_id=image_token + 1,
+        vision_start_token_id=image_token + 2, vision_end_token_id=image_token + 3,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).float()

@@ -18,16 +18,19 @@ STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
 FIRST_SPECIAL = 512  # the models' media tokens come after the corpus BPE's 512 ids
 PROCESSOR = {"size": {"shortest_edge": 64, "longest_edge": 576}}  # 8x8 to 24x24 pixels
 # Media of the 12 records, in order. At 2 data-parallel ranks (samples 0, 2 | 1, 3 in step 1):
-# Qwen2-VL: rank 0 has no image in step 1, no rank has one in step 2. The thinker: rank 0
+# Qwen2-VL: rank 0 has no image in step 1, no rank has one in step 2; Qwen2.5-VL: rank 1 has
+# none in steps 1 and 2 (its windowed tower runs on a dummy image). The thinker: rank 0
 # has only images and rank 1 only audio in step 1, rank 1 has neither in step 3.
 MEDIA = {
     "qwen2_vl": ["", "image", "", "image", "", "", "", "", "image", "image", "", "image"],
+    "qwen2_5_vl": ["image", "", "image", "", "", "", "image", "", "image", "image", "", ""],
     "qwen2_5_omni_thinker": [
         "image", "audio", "", "audio", "image audio", "", "", "image", "audio", "", "image", "",
     ],
 }  # fmt: skip
 MODELS = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "tiny_qwen2_vl", "image_token"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "tiny_qwen2_5_vl", "image_token"),
     "qwen2_5_omni_thinker": (
         "Qwen2_5OmniThinkerForConditionalGeneration", "tiny_qwen2_5_omni_thinker", "audio_token",
     ),
@@ -105,9 +108,10 @@ def _hf_media_inputs(media: dict) -> dict:
     return inputs
 
 
-def _reference(family: str, data: dict) -> list[tuple[float, float]]:
+def _reference(family: str, data: dict):
     """HF's model as shipped: one sample per forward, its own M-RoPE positions (from the
-    token types or the attention mask), torch's AdamW and clip_grad_norm_."""
+    token types or the attention mask), torch's AdamW and clip_grad_norm_. Returns (loss,
+    grad norm) per step and the trained model."""
     import transformers
 
     cls = getattr(transformers, MODELS[family][0])
@@ -121,10 +125,10 @@ def _reference(family: str, data: dict) -> list[tuple[float, float]]:
         total = 0.0
         for sample in batch:
             ids = torch.tensor([sample.input_ids])
-            if family == "qwen2_vl":
-                rope = {"mm_token_type_ids": (ids == FIRST_SPECIAL).int()}
-            else:
+            if family == "qwen2_5_omni_thinker":
                 rope = {"attention_mask": torch.ones_like(ids)}
+            else:
+                rope = {"mm_token_type_ids": (ids == FIRST_SPECIAL).int()}
             inputs = _hf_media_inputs(sample.media)
             logits = model(input_ids=ids, **rope, **inputs).logits[0, :-1]
             targets = torch.tensor(sample.labels[1:])
@@ -138,7 +142,7 @@ def _reference(family: str, data: dict) -> list[tuple[float, float]]:
         optimizer.step()
         optimizer.zero_grad()
         results.append((total, norm.item()))
-    return results
+    return results, model
 
 
 def _train(data: dict, layouts: dict[str, list[str]]) -> dict[str, list[tuple[float, float]]]:
@@ -175,7 +179,7 @@ def _train(data: dict, layouts: dict[str, list[str]]) -> dict[str, list[tuple[fl
 @pytest.mark.parametrize("family", list(MEDIA))
 def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, family):
     data = native_data[family]
-    reference = _reference(family, data)
+    reference, trained = _reference(family, data)
     layouts = {
         "dp2_sp2_packed": [
             "--parallel.dp_shard=2",
@@ -183,7 +187,11 @@ def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, 
             "--data.packing=true",
             "--train.micro_batch_size=2",
         ],
-        "dp4_padded": ["--parallel.dp_shard=4", "--train.micro_batch_size=1"],
+        "dp4_padded": [
+            "--parallel.dp_shard=4",
+            "--train.micro_batch_size=1",
+            "--train.export_hf_at_end=true",
+        ],
     }
     per_rank = run_distributed(_train, 4, data, layouts)
     for name in layouts:
@@ -194,3 +202,10 @@ def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, 
         ):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name}: loss at step {step + 1}"
             assert norm == pytest.approx(ref_norm, rel=1e-4), f"{name}: grad norm, step {step + 1}"
+    import transformers
+
+    cls = getattr(transformers, MODELS[family][0])
+    exported = cls.from_pretrained(f"{data['model_path']}_runs/dp4_padded/hf", dtype=torch.float32)
+    expected = dict(trained.named_parameters())
+    for name, param in exported.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,4 +1,5 @@
-"""Hugging Face multimodal models trained as shipped: Qwen2-VL and the Qwen2.5-Omni thinker.
+"""Hugging Face multimodal models trained as shipped: Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni
+thinker.
 
 A record's ``<image>`` / ``<audio>`` marker becomes the processor's token layout (e.g.
 ``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``),
@@ -21,7 +22,7 @@ from torch import nn
 from omniweave.data.media import load_image_file, load_wav
 from omniweave.models.omni.model import OmniParts
 
-NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_omni_thinker")
+NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker")
 SAMPLE_RATE = 16_000  # Whisper features
 
 

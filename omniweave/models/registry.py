@@ -71,6 +71,18 @@ RECIPES: dict[str, ModelRecipe] = {
             ),
             model_class="AutoModelForImageTextToText",
         ),
+        ModelRecipe(
+            "qwen2_5_vl",
+            ("Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"),
+            (
+                "model.visual.blocks.*",
+                "model.visual",
+                "model.language_model.embed_tokens",
+                "model.language_model.layers.*",
+                "lm_head",
+            ),
+            model_class="AutoModelForImageTextToText",
+        ),
     )
 }
 
@@ -87,10 +99,15 @@ def recipe_for(model_type: str) -> ModelRecipe:
         ) from None
 
 
-def model_from_config(config) -> nn.Module:
-    """A randomly initialised fp32 model of ``config``, built by its family's class."""
+def model_class(model_type: str) -> type:
+    """The ``transformers`` class (or auto class) that builds a family's models."""
     import transformers
 
-    cls = getattr(transformers, recipe_for(config.model_type).model_class)
+    return getattr(transformers, recipe_for(model_type).model_class)
+
+
+def model_from_config(config) -> nn.Module:
+    """A randomly initialised fp32 model of ``config``, built by its family's class."""
+    cls = model_class(config.model_type)
     build = cls.from_config if cls.__name__.startswith("Auto") else cls._from_config
     return build(config, dtype=torch.float32)

@@ -30,12 +30,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from omniweave.config import load_config
 from omniweave.data.processors import load_tokenizer
 from omniweave.models.loader import load_hf_config
 from omniweave.models.omni.model import OmniModel, import_plugins
+from omniweave.models.registry import model_class, model_from_config
 from omniweave.models.weights import gather_full_state
 from omniweave.train.checkpoint import LATEST, checkpoints_dir, resolve_resume, step_name
 
@@ -83,7 +84,7 @@ def _write_foundation(state, hf_config, tokenizer, folder: str, dtype) -> None:
     config = copy.deepcopy(hf_config)
     config._attn_implementation = "sdpa"  # the run's may be a name registered in-process
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_from_config(config)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the tied parameter on one side only
     missing = [name for name, param in model.named_parameters() if param.is_meta]
@@ -194,7 +195,8 @@ def import_hf(source: str, out: str) -> str:
     if os.path.isfile(os.path.join(source, INDEX)):
         model = load_omni(source)
     elif os.path.isfile(os.path.join(source, "config.json")):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        cls = model_class(AutoConfig.from_pretrained(source).model_type)
+        model = cls.from_pretrained(source, dtype=torch.float32)
     else:
         raise ValueError(f"'{source}' is neither an HF model folder (config.json) nor an {INDEX}.")
     folder = checkpoints_dir(out)
