@@ -25,11 +25,9 @@ from omniweave.data.demo import (
 from omniweave.data.loader import load_samples
 from omniweave.data.media import load_image
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_multimodal
-from omniweave.data.records import record_texts
 from omniweave.data.tokenizers import train_tokenizer
 from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
 from omniweave.models.omni.vq import save_vq, train_vq
-from omniweave.train.evaluate import prompt_tokens
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +77,7 @@ def test_tasks_and_held_out_split(demo):
     assert counts == {"caption": train, "draw": draw, "video": video, "asr": asr, "text": 2}
     records, prompts = _lines(out / "train.jsonl"), _lines(out / "eval.jsonl")
     speech = {
-        r["media"]["audio"][0]: " ".join(turn["content"] for turn in r["messages"])
+        r["media"]["audio"][0]: r["prompt"] + r["text"]
         for r in records
         if "audio" in r.get("media", {})
     }
@@ -116,7 +114,7 @@ def parts(demo, tmp_path_factory):
     out, _ = demo
     folder = tmp_path_factory.mktemp("parts")
     records = _lines(out / "train.jsonl")
-    train_tokenizer((t for r in records for t in record_texts(r)), 600, str(folder / "tok"))
+    train_tokenizer((r.get("prompt", "") + r["text"] for r in records), 600, str(folder / "tok"))
     images = [load_image(str(out / f"images/train/{i:04d}.png"), 1, 2) for i in range(32)]
     vq, _ = train_vq(torch.stack(images), steps=5, codebook_size=64, downsample=1)
     save_vq(vq, str(folder / "vq.pt"))
@@ -137,26 +135,21 @@ def test_records_load_with_the_demo_encoders(demo, parts):
 
 
 @pytest.mark.parametrize("task", ["caption", "draw"])
-def test_eval_prompts_begin_the_training_conversations_without_labels(demo, parts, task):
-    """``omniweave eval`` prompts with the user turn and the assistant's header: the training
-    conversation starts with the same ids, unlabelled, and its answer is learned."""
+def test_prompts_are_inputs_without_labels(demo, parts, task):
     out, _ = demo
     omni, tokenizer, records = parts
     record = next(r for r in records if r["task"] == task)
     sample = tokenize_multimodal(record, tokenizer, omni, str(out))
-    user = record["messages"][0]["content"]
-    media = {m: paths for m, paths in record["media"].items() if f"<{m}>" in user}
-    prompt, _ = prompt_tokens({"prompt": user, "media": media}, tokenizer, omni, str(out))
-    start = len(prompt)
-    assert sample["input_ids"][:start] == prompt
-    assert set(sample["labels"][:start]) == {IGNORE_INDEX}
-    answer = sample["labels"][start:]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert (
-        answer[: answer.index(end) + 1]
-        == sample["input_ids"][start : start + answer.index(end) + 1]
+    whole = {"text": record["prompt"] + record["text"], "media": record["media"]}
+    reference = tokenize_multimodal(whole, tokenizer, omni, str(out))
+    assert sample["input_ids"] == reference["input_ids"]
+    media = {m: paths for m, paths in record["media"].items() if f"<{m}>" in record["prompt"]}
+    prompt = tokenize_multimodal(
+        {"text": record["prompt"], "media": media}, tokenizer, omni, str(out)
     )
-    assert set(answer[answer.index(end) + 1 :]) <= {IGNORE_INDEX}  # the template's newline
+    start = len(prompt["input_ids"]) - 1  # the prompt alone, without its end-of-text token
+    assert set(sample["labels"][:start]) == {IGNORE_INDEX}
+    assert sample["labels"][start:] == reference["labels"][start:]
 
 
 def test_word_aligner_refuses_words_it_cannot_spell():

@@ -214,17 +214,9 @@ def _allison(out: str, root: str, evaluation: list, notes: list, rng) -> list[di
 
 
 def _record(task: str, text: str, prompt: str = "", **media: str) -> dict:
-    """A training record: a conversation, the user's ``prompt`` and the assistant's answer
-    ``text`` (learned), or without a prompt plain ``text``."""
-    if not prompt:
-        return _with_media({"task": task, "text": text}, media)
-    answer = {"role": "assistant", "content": text.strip()}
-    return _with_media({"task": task, "messages": [chat_prompt(prompt), answer]}, media)
-
-
-def chat_prompt(prompt: str) -> dict:
-    """The user turn of a demo conversation."""
-    return {"role": "user", "content": prompt.strip()}
+    """A training record: ``prompt`` (not learned) then ``text`` (learned)."""
+    record = {"task": task, "prompt": prompt} if prompt else {"task": task}
+    return _with_media({**record, "text": text}, media)
 
 
 def _eval(task: str, label: int, answer: str | None = None, prompt_word: str = "", **media):

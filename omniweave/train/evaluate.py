@@ -17,10 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from omniweave.config import load_config
-from omniweave.data.demo import EVAL_DIGITS, chat_prompt
+from omniweave.data.demo import EVAL_DIGITS
 from omniweave.data.demo_sources import DIGIT_WORDS, handwritten_digits
 from omniweave.data.processors import load_tokenizer, tokenize_multimodal
-from omniweave.data.tokenizers import IM_END
 from omniweave.models.loader import load_hf_config
 from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
 from omniweave.models.weights import load_full_weights
@@ -76,17 +75,6 @@ def digit_classifier() -> tuple[object, float]:
     return classifier, float(classifier.score(features[split:], labels[split:]))
 
 
-def prompt_tokens(prompt: dict, tokenizer, parts: OmniParts, data: str) -> tuple[list, dict]:
-    """An eval prompt's ids, the user turn and the assistant's header (as the training
-    conversations begin), and its media tensors."""
-    chat = tokenizer.apply_chat_template(
-        [chat_prompt(prompt["prompt"])], add_generation_prompt=True, tokenize=False
-    )
-    record = {"text": chat, "media": prompt.get("media", {})}
-    tokens = tokenize_multimodal(record, tokenizer, parts, data)
-    return tokens["input_ids"][:-1], tokens["media"]  # without the end-of-text token
-
-
 def evaluate(run: str, data: str) -> dict:
     """Score every prompt of ``data/eval.jsonl``; write ``eval.json`` and ``generated.png``."""
     start = time.perf_counter()
@@ -98,7 +86,9 @@ def evaluate(run: str, data: str) -> dict:
     drawings, examples = [], {}
     for prompt in prompts:
         task = prompt["task"]
-        ids, media = prompt_tokens(prompt, tokenizer, parts, data)
+        record = {"text": prompt["prompt"], "media": prompt.get("media", {})}
+        tokens = tokenize_multimodal(record, tokenizer, parts, data)
+        ids = tokens["input_ids"][:-1]  # without the end-of-text token
         if task == "draw":
             decoder = next(iter(parts.decoders.values()))
             image = decoder.lm_generate(model, ids)[0].clamp(0, 1).numpy()
@@ -106,8 +96,7 @@ def evaluate(run: str, data: str) -> dict:
             drawings.append((prompt["label"], image))
             scores.setdefault("draw", []).append(predicted == prompt["label"])
             continue
-        end = tokenizer.convert_tokens_to_ids(IM_END)  # the assistant turn's end
-        generated = generate_text(model, ids, media, end)
+        generated = generate_text(model, ids, tokens["media"], tokenizer.eos_token_id)
         text = tokenizer.decode(generated).strip()
         examples.setdefault(task, []).append({"label": prompt["label"], "generated": text})
         scores.setdefault(task, []).append(named_digit(text) == prompt["label"])
