@@ -21,6 +21,7 @@ from omniweave.data.demo import EVAL_DIGITS
 from omniweave.data.demo_sources import DIGIT_WORDS, handwritten_digits
 from omniweave.data.processors import load_tokenizer, tokenize_multimodal
 from omniweave.models.loader import load_hf_config
+from omniweave.models.omni.decoders import greedy_decode
 from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
 from omniweave.models.weights import load_full_weights
 
@@ -40,20 +41,16 @@ def load_trained(run: str) -> tuple[OmniModel, OmniParts, object]:
     return model.eval(), parts, load_tokenizer(cfg.data.tokenizer_path)
 
 
-@torch.no_grad()
 def generate_text(model: OmniModel, ids: list[int], media: dict, eos: int, limit: int = 16):
     """Greedy continuation of ``ids`` (with media at its placeholders) up to ``eos``."""
-    embeds = model.embed(torch.tensor([ids]), media)
-    table = model.get_input_embeddings()
-    out = []
-    for _ in range(limit):
-        logits = model.foundation(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+
+    def choose(logits: torch.Tensor) -> int | None:
         token = int(logits.argmax())
-        if token == eos:
-            break
-        out.append(token)
-        embeds = torch.cat([embeds, table(torch.tensor([[token]]))], dim=1)
-    return out
+        return None if token == eos else token
+
+    with torch.no_grad():
+        embeds = model.embed(torch.tensor([ids]), media)
+    return greedy_decode(model.foundation, {"inputs_embeds": embeds}, limit, choose)
 
 
 def named_digit(text: str) -> int | None:

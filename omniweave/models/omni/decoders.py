@@ -12,6 +12,8 @@ for them). The contract, next to the encoders':
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -50,16 +52,32 @@ class ImageDecoder(nn.Module):
     @torch.no_grad()
     def lm_generate(self, model: nn.Module, prompt_ids: list[int]) -> torch.Tensor:
         """Greedy decoding of ``grid`` codes after ``prompt_ids``; ``[channels, H, W]`` pixels."""
-        ids = list(prompt_ids)
         device = next(model.parameters()).device
-        codes = []
-        for _ in range(self.grid[0] * self.grid[1]):
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
-            code = int(self.lm_head(logits).argmax())
-            codes.append(code)
-            ids.append(code + self.code_offset)
-        grid = torch.tensor(codes, device=self.vq.codebook.weight.device).view(1, *self.grid)
-        return self.vq.decode(grid)[0]
+        low = self.code_offset
+        ids = greedy_decode(
+            model,
+            {"input_ids": torch.tensor([prompt_ids], device=device)},
+            self.grid[0] * self.grid[1],
+            lambda logits: low + int(self.lm_head(logits).argmax()),
+        )
+        grid = torch.tensor(ids, device=self.vq.codebook.weight.device) - low
+        return self.vq.decode(grid.view(1, *self.grid))[0]
+
+
+@torch.no_grad()
+def greedy_decode(lm: nn.Module, inputs: dict, steps: int, choose: Callable) -> list[int]:
+    """Up to ``steps`` token ids decoded one at a time with a KV cache. ``lm(**inputs)`` gives
+    HF causal-LM logits; ``choose(last_logits)`` picks the next id, or None to stop."""
+    chosen, cache = [], None
+    for _ in range(steps):
+        out = lm(**inputs, cache=cache, use_cache=True)
+        token = choose(out.logits[0, -1])
+        if token is None:
+            break
+        chosen.append(token)
+        cache = out.cache
+        inputs = {"input_ids": torch.tensor([[token]], device=out.logits.device)}
+    return chosen
 
 
 DECODERS: dict[str, type[nn.Module]] = {"image": ImageDecoder}
