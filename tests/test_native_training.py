@@ -6,6 +6,7 @@ sample per forward."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,14 +82,16 @@ def native_data(tmp_path_factory, corpus) -> dict[str, dict[str, str]]:
     return data
 
 
-def _samples(data: dict):
+def _samples(data: dict, model_path: str | None = None, processor: dict | None = PROCESSOR):
+    """The records as loaded for the model at ``model_path`` (default: the tiny model's)."""
     from omniweave.data.loader import load_samples
     from omniweave.data.processors import load_tokenizer
     from omniweave.models.loader import load_hf_config
     from omniweave.models.native import native_parts
 
-    config = load_hf_config(data["model_path"], None, "sdpa")
-    parts = native_parts(config, data["model_path"], PROCESSOR)
+    model_path = model_path or data["model_path"]
+    config = load_hf_config(model_path, None, "sdpa")
+    parts = native_parts(config, model_path, processor)
     tokenizer = load_tokenizer(data["tokenizer_path"])
     samples, _, _ = load_samples(data["train_path"], tokenizer, 256, "error", parts)
     assert len(samples) == GLOBAL_BATCH * STEPS
@@ -191,6 +194,7 @@ def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, 
             "--parallel.dp_shard=4",
             "--train.micro_batch_size=1",
             "--train.export_hf_at_end=true",
+            f"--checkpoint.every_steps={STEPS}",
         ],
     }
     per_rank = run_distributed(_train, 4, data, layouts)
@@ -205,7 +209,22 @@ def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, 
     import transformers
 
     cls = getattr(transformers, MODELS[family][0])
-    exported = cls.from_pretrained(f"{data['model_path']}_runs/dp4_padded/hf", dtype=torch.float32)
+    export = f"{data['model_path']}_runs/dp4_padded/hf"
+    exported = cls.from_pretrained(export, dtype=torch.float32)
     expected = dict(trained.named_parameters())
     for name, param in exported.named_parameters():
         torch.testing.assert_close(param, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Its preprocessor_config.json: training from the export reads the media as this run did
+    # (with model.processor's sizes, not the processors' defaults).
+    for ours, again in zip(_samples(data), _samples(data, export, None), strict=True):
+        assert again.input_ids == ours.input_ids
+        for key, value in _hf_media_inputs(ours.media).items():
+            torch.testing.assert_close(_hf_media_inputs(again.media)[key], value, msg=key)
+    from omniweave.train.export import export_checkpoint  # the same file, exported offline
+
+    export_checkpoint(f"{data['model_path']}_runs/dp4_padded", f"{export}_offline")
+    live, offline = (
+        json.loads(Path(folder, "preprocessor_config.json").read_text())
+        for folder in (export, f"{export}_offline")
+    )
+    assert offline == live

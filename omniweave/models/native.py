@@ -53,7 +53,7 @@ class ImageFiles:
     def __init__(self, vision, path: str | None, options: dict):
         from transformers import Qwen2VLImageProcessorPil
 
-        self.processor = _preprocessor(
+        self.preprocessor = _preprocessor(
             path,
             Qwen2VLImageProcessorPil,
             options,
@@ -65,7 +65,7 @@ class ImageFiles:
         self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
 
     def load_item(self, path: str) -> ImageItem:
-        out = self.processor(images=[load_image_file(path)], return_tensors="pt")
+        out = self.preprocessor(images=[load_image_file(path)], return_tensors="pt")
         return ImageItem(out["pixel_values"], out["image_grid_thw"])
 
     def num_tokens(self, item: ImageItem) -> int:
@@ -83,7 +83,7 @@ class AudioFiles:
     def __init__(self, audio, path: str | None, options: dict):
         from transformers import WhisperFeatureExtractor
 
-        self.extractor = _preprocessor(
+        self.preprocessor = _preprocessor(
             path,
             WhisperFeatureExtractor,
             options.get("audio", {}),
@@ -94,7 +94,7 @@ class AudioFiles:
 
     def load_item(self, path: str) -> AudioItem:
         waveform = load_wav(path, SAMPLE_RATE).numpy()
-        out = self.extractor(
+        out = self.preprocessor(
             waveform, sampling_rate=SAMPLE_RATE, padding="longest", truncation=False,
             return_tensors="pt",
         )  # fmt: skip
@@ -105,7 +105,7 @@ class AudioFiles:
         return (after_conv - 2) // 2 + 1
 
     def dummy_item(self) -> AudioItem:
-        return AudioItem(torch.zeros(self.extractor.feature_size, 2 * self.window))
+        return AudioItem(torch.zeros(self.preprocessor.feature_size, 2 * self.window))
 
 
 def native_parts(config, path: str | None, options: dict | None) -> OmniParts | None:
@@ -122,6 +122,16 @@ def native_parts(config, path: str | None, options: dict | None) -> OmniParts | 
         placeholders["audio"] = config.audio_token_id
         brackets["audio"] = ([config.audio_start_token_id], [config.audio_end_token_id])
     return OmniParts(encoders, placeholders, brackets=brackets)
+
+
+def preprocessor_config(parts: OmniParts) -> dict:
+    """A native model's ``preprocessor_config.json``: the settings of its image processor and
+    (the thinker's) audio feature extractor in one file, as Qwen2.5-Omni ships them. Saved
+    with an export, it gives a run from that folder the same media inputs."""
+    merged = {}
+    for files in parts.encoders.values():
+        merged.update(files.preprocessor.to_dict())
+    return merged
 
 
 def _image_inputs(items: list[ImageItem]) -> dict:

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from omniweave.config import load_config
 from omniweave.data.processors import load_tokenizer
 from omniweave.models.loader import load_hf_config
+from omniweave.models.native import native_parts, preprocessor_config
 from omniweave.models.omni.model import OmniModel, import_plugins
 from omniweave.models.registry import model_class, model_from_config
 from omniweave.models.weights import gather_full_state
@@ -63,15 +64,20 @@ def write_hf(
     out: str,
     omni: dict | None = None,
     dtype: torch.dtype | None = None,
+    preprocessor: dict | None = None,
 ) -> None:
     """Write ``state`` (full tensors keyed as the trained model's parameters) as an HF folder,
     or an OmniModel's component folders and index; ``dtype`` casts the weights (default: as
-    trained). Writes ``out.tmp``, then replaces ``out``."""
+    trained); ``preprocessor``: a native multimodal model's ``preprocessor_config.json``.
+    Writes ``out.tmp``, then replaces ``out``."""
     out = os.path.normpath(out)
     staging = out + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     if omni is None:
         _write_foundation(state, hf_config, tokenizer, staging, dtype)
+        if preprocessor:
+            with open(os.path.join(staging, "preprocessor_config.json"), "w") as f:
+                json.dump(preprocessor, f, indent=2)
     else:
         _write_omni(state, hf_config, tokenizer, staging, omni, dtype)
     shutil.rmtree(out, ignore_errors=True)
@@ -158,12 +164,13 @@ def export_live(
     out: str,
     is_main: bool,
     omni: dict | None = None,
+    preprocessor: dict | None = None,
 ) -> str:
     """``write_hf`` of a live (FSDP/EP-sharded or plain) model: every rank calls it (the full
     state is gathered to CPU on rank 0), rank 0 writes ``out``. Returns ``out``."""
     state = gather_full_state(model)
     if is_main:
-        write_hf(state, hf_config, tokenizer, out, omni)
+        write_hf(state, hf_config, tokenizer, out, omni, preprocessor=preprocessor)
     return out
 
 
@@ -185,7 +192,11 @@ def export_checkpoint(source: str, out: str, dtype: torch.dtype | None = None) -
     cfg = load_config(config_file)
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, "sdpa")
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    write_hf(read_model_state(checkpoint), hf_config, tokenizer, out, cfg.model.omni, dtype)
+    parts = native_parts(hf_config, cfg.model.path, cfg.model.processor)
+    write_hf(
+        read_model_state(checkpoint), hf_config, tokenizer, out, cfg.model.omni, dtype,
+        preprocessor=preprocessor_config(parts) if parts else None,
+    )  # fmt: skip
     return checkpoint
 
 

@@ -30,7 +30,7 @@ from omniweave.distributed.ulysses import (
     split_sequence_inputs,
 )
 from omniweave.models.loader import build_model
-from omniweave.models.native import NativeInputs, native_parts
+from omniweave.models.native import NativeInputs, native_parts, preprocessor_config
 from omniweave.models.omni.model import (
     OmniParts,
     build_decoders,
@@ -395,9 +395,11 @@ class Trainer:
             final = save_full_weights(self.model, os.path.join(out, "final"), self.is_main)
         if t.export_hf_at_end:
             hf = os.path.join(out, "hf")
+            native = preprocessor_config(self.omni_parts) if self.native is not None else None
             export_live(
-                self.model, self.hf_config, self.tokenizer, hf, self.is_main, self.cfg.model.omni
-            )
+                self.model, self.hf_config, self.tokenizer, hf, self.is_main, self.cfg.model.omni,
+                preprocessor=native,
+            )  # fmt: skip
         if writer:
             plot = writer.close(self.cfg.log.plot)
             print(f"omniweave: outputs in {os.path.abspath(out)}")
