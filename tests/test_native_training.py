@@ -19,16 +19,23 @@ STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
 FIRST_SPECIAL = 512  # the models' media tokens come after the corpus BPE's 512 ids
 PROCESSOR = {"size": {"shortest_edge": 64, "longest_edge": 576}}  # 8x8 to 24x24 pixels
 # Media of the 12 records, in order. At 2 data-parallel ranks (samples 0, 2 | 1, 3 in step 1):
-# Qwen2-VL: rank 0 has no image in step 1, no rank has one in step 2; Qwen2.5-VL: rank 1 has
-# none in steps 1 and 2 (its windowed tower runs on a dummy image). The thinker: rank 0
-# has only images and rank 1 only audio in step 1, rank 1 has neither in step 3.
+# Qwen2-VL: rank 0 has a video and no image in step 1, only a video (and no rank an image) in
+# step 2, both in step 3; Qwen2.5-VL: rank 1 has only a video in step 1, nothing in step 2
+# (its windowed tower runs on dummy items). The thinker: rank 0 has only images and rank 1
+# only audio in step 1, rank 1 has neither in step 3.
 MEDIA = {
-    "qwen2_vl": ["", "image", "", "image", "", "", "", "", "image", "image", "", "image"],
-    "qwen2_5_vl": ["image", "", "image", "", "", "", "image", "", "image", "image", "", ""],
+    "qwen2_vl": [
+        "", "image", "video", "image", "", "", "video", "", "image", "image", "image video",
+        "image",
+    ],
+    "qwen2_5_vl": [
+        "image", "", "image", "video", "", "", "image", "", "image", "image", "", "video",
+    ],
     "qwen2_5_omni_thinker": [
         "image", "audio", "", "audio", "image audio", "", "", "image", "audio", "", "image", "",
     ],
 }  # fmt: skip
+EXTENSIONS = {"image": "png", "video": "gif", "audio": "wav"}
 MODELS = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "tiny_qwen2_vl", "image_token"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "tiny_qwen2_5_vl", "image_token"),
@@ -41,7 +48,8 @@ MODELS = {
 @pytest.fixture(scope="module")
 def native_data(tmp_path_factory, corpus) -> dict[str, dict[str, str]]:
     """Per family: records with captioned images of 3 sizes, tones of 3 lengths (16 kHz)
-    and plain text (see ``MEDIA``), and the tiny model saved by ``save_pretrained``."""
+    clips of 3 to 5 frames (GIF), and plain text (see ``MEDIA``), and the tiny model saved
+    by ``save_pretrained``."""
     import soundfile
     from PIL import Image
 
@@ -58,10 +66,14 @@ def native_data(tmp_path_factory, corpus) -> dict[str, dict[str, str]]:
             caption = " ".join(rng.choice(words, size=3 + index % 4))
             files = {}
             for kind in kinds.split():
-                name = f"{family}_{index}.{'png' if kind == 'image' else 'wav'}"
+                name = f"{family}_{index}.{EXTENSIONS[kind]}"
                 if kind == "image":
                     pixels = rng.integers(0, 256, (*sizes[index % 3], 3), dtype=np.uint8)
                     Image.fromarray(pixels).save(root / name)
+                elif kind == "video":
+                    frames = rng.integers(0, 256, (3 + index % 3, *sizes[index % 3], 3))
+                    clip = [Image.fromarray(frame.astype(np.uint8)) for frame in frames]
+                    clip[0].save(root / name, save_all=True, append_images=clip[1:], duration=250)
                 else:
                     seconds = np.arange(1600 * (2 + index % 3)) / 16_000
                     soundfile.write(root / name, np.sin(2e3 * seconds * (1 + index)), 16_000)
@@ -104,6 +116,9 @@ def _hf_media_inputs(media: dict) -> dict:
     if media.get("image"):
         inputs["pixel_values"] = torch.cat([i.pixel_values for i in media["image"]])
         inputs["image_grid_thw"] = torch.cat([i.grid_thw for i in media["image"]])
+    if media.get("video"):
+        inputs["pixel_values_videos"] = torch.cat([v.pixel_values for v in media["video"]])
+        inputs["video_grid_thw"] = torch.cat([v.grid_thw for v in media["video"]])
     if media.get("audio"):
         (audio,) = media["audio"]
         inputs["input_features"] = audio.features[None]
@@ -130,9 +145,13 @@ def _reference(family: str, data: dict):
             ids = torch.tensor([sample.input_ids])
             if family == "qwen2_5_omni_thinker":
                 rope = {"attention_mask": torch.ones_like(ids)}
-            else:
-                rope = {"mm_token_type_ids": (ids == FIRST_SPECIAL).int()}
+            else:  # token types: image 1, video 2
+                types = (ids == FIRST_SPECIAL).int() + 2 * (ids == FIRST_SPECIAL + 1).int()
+                rope = {"mm_token_type_ids": types}
             inputs = _hf_media_inputs(sample.media)
+            if family == "qwen2_5_vl" and sample.media.get("video"):
+                seconds = [video.seconds_per_grid for video in sample.media["video"]]
+                inputs["second_per_grid_ts"] = torch.tensor(seconds)
             logits = model(input_ids=ids, **rope, **inputs).logits[0, :-1]
             targets = torch.tensor(sample.labels[1:])
             loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
@@ -228,3 +247,33 @@ def test_native_model_trains_sharded_and_sequence_parallel_like_hf(native_data, 
         for folder in (export, f"{export}_offline")
     )
     assert offline == live
+
+
+def test_clip_patches_follow_the_hf_video_processor_layout(tmp_path):
+    """A clip's patches: frames normalised as the image processor does, the last repeated to
+    fill the temporal patch, then the view and permutation of HF's Qwen2-VL video processor
+    (which needs torchvision, so it is restated here)."""
+    from PIL import Image, ImageSequence
+
+    from omniweave.models.native import native_parts
+    from tests.models import tiny_qwen2_vl
+
+    config = tiny_qwen2_vl().config
+    files = native_parts(config, None, PROCESSOR).encoders["video"]
+    frames = np.random.default_rng(0).integers(0, 256, (3, 16, 24, 3)).astype(np.uint8)
+    clip = [Image.fromarray(frame) for frame in frames]
+    clip[0].save(tmp_path / "clip.gif", save_all=True, append_images=clip[1:], duration=200)
+    with Image.open(tmp_path / "clip.gif") as gif:  # the frames in the GIF's palette colours
+        read = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
+    processor = files.preprocessor
+    pixels = torch.tensor(np.stack(read), dtype=torch.float32) / 255
+    pixels = (pixels - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    video = torch.cat([pixels, pixels[-1:]]).permute(0, 3, 1, 2)  # [4 frames, C, H, W]
+    p, m, t = 4, 2, 2  # the tiny tower's patch, merge and temporal patch sizes
+    patches = video.reshape(1, 2, t, 3, 16 // p // m, m, p, 24 // p // m, m, p)
+    patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(2 * 4 * 6, 3 * t * p * p)
+    item = files.load_item(str(tmp_path / "clip.gif"))
+    assert item.grid_thw.tolist() == [[2, 4, 6]]
+    assert item.seconds_per_grid == pytest.approx(0.4)
+    assert files.num_tokens(item) == 2 * 4 * 6 // 4
+    torch.testing.assert_close(item.pixel_values, patches, rtol=1e-5, atol=1e-5)

@@ -50,6 +50,20 @@ def load_frames(path: str, channels: int, patch: int) -> torch.Tensor:
     return tensor.unsqueeze(1) if channels == 1 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
+def load_frame_files(path: str) -> tuple[list, float | None]:
+    """The RGB PIL frames of an animated image and its seconds per frame (the mean frame
+    duration; None where the file gives none), for a Hugging Face processor."""
+    from PIL import Image, ImageSequence
+
+    frames, durations = [], []
+    with _malformed_image(), Image.open(path) as clip:
+        for frame in ImageSequence.Iterator(clip):
+            frames.append(frame.convert("RGB"))
+            durations.append(frame.info.get("duration", 0))
+    seconds = sum(durations) / len(durations) / 1000
+    return frames, seconds or None
+
+
 @contextmanager
 def _malformed_image():
     """Make a ValueError of what Pillow's parsers raise on a damaged file besides OSError

@@ -1,10 +1,11 @@
 """Hugging Face multimodal models trained as shipped: Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni
 thinker.
 
-A record's ``<image>`` / ``<audio>`` marker becomes the processor's token layout (e.g.
-``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch + ``<|vision_end|>``),
-and the file itself the HF image processor's ``pixel_values`` / ``image_grid_thw`` or
-the Whisper feature extractor's log-mel ``input_features``. Per micro-batch,
+A record's ``<image>`` / ``<video>`` / ``<audio>`` marker becomes the processor's token
+layout (e.g. ``<|vision_start|>`` + one ``<|image_pad|>`` per merged patch +
+``<|vision_end|>``), and the file itself the HF image processor's ``pixel_values`` /
+``image_grid_thw`` (a clip's frames in temporal patches: ``pixel_values_videos``) or the
+Whisper feature extractor's log-mel ``input_features``. Per micro-batch,
 ``NativeInputs`` gives the model these inputs and the multimodal RoPE positions of
 every sample (computed per sample, so they restart in a packed row), and keeps the
 towers in step across ranks (``keep_in_step``).
@@ -19,17 +20,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omniweave.data.media import load_image_file, load_wav
+from omniweave.data.media import load_frame_files, load_image_file, load_wav
 from omniweave.models.omni.model import OmniParts
 
 NATIVE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker")
 SAMPLE_RATE = 16_000  # Whisper features
+FRAME_SECONDS = 0.5  # a clip that gives no frame durations is read at 2 frames a second
 
 
 @dataclass
 class ImageItem:
     pixel_values: torch.Tensor  # [patches, channels x temporal x patch^2]
     grid_thw: torch.Tensor  # [1, 3]: the image in patches (time, height, width)
+
+
+@dataclass
+class VideoItem:
+    pixel_values: torch.Tensor  # [patches, channels x temporal x patch^2]
+    grid_thw: torch.Tensor  # [1, 3]: the clip in patches (time, height, width)
+    seconds_per_grid: float  # the time one temporal patch spans (Qwen2.5-VL's M-RoPE)
 
 
 @dataclass
@@ -74,6 +83,37 @@ class ImageFiles:
     def dummy_item(self) -> ImageItem:
         m = self.merge
         return ImageItem(torch.zeros(m * m, self.patch_dim), torch.tensor([[1, m, m]]))
+
+
+class VideoFiles:
+    """Animated images (GIF, APNG, WebP) as Qwen2-VL videos: each frame resized and
+    normalised by the image processor, then ``temporal_patch_size`` consecutive frames in
+    each patch (the last frame repeated to fill the last patch), in the layout of HF's
+    Qwen2-VL video processor."""
+
+    def __init__(self, images: ImageFiles, vision):
+        self.images, self.preprocessor = images, images.preprocessor
+        self.channels, self.temporal = vision.in_channels, vision.temporal_patch_size
+
+    def load_item(self, path: str) -> VideoItem:
+        frames, seconds = load_frame_files(path)
+        out = self.images.preprocessor(images=frames, return_tensors="pt")
+        _, height, width = out["image_grid_thw"][0].tolist()  # Pillow gives whole frames
+        shape = (len(frames), height * width, self.channels, self.temporal, -1)
+        pixels = out["pixel_values"].view(shape)[:, :, :, 0]  # each frame, copied over time
+        pixels = torch.cat([pixels, pixels[-1:].expand(-len(frames) % self.temporal, -1, -1, -1)])
+        steps = pixels.shape[0] // self.temporal
+        pixels = pixels.view(steps, self.temporal, *pixels.shape[1:]).permute(0, 2, 3, 1, 4)
+        grid = torch.tensor([[steps, height, width]])
+        flat = pixels.reshape(steps * height * width, -1)
+        return VideoItem(flat, grid, (seconds or FRAME_SECONDS) * self.temporal)
+
+    def num_tokens(self, item: VideoItem) -> int:
+        return self.images.num_tokens(item)
+
+    def dummy_item(self) -> VideoItem:
+        image = self.images.dummy_item()
+        return VideoItem(image.pixel_values, image.grid_thw, 1.0)
 
 
 class AudioFiles:
@@ -121,6 +161,10 @@ def native_parts(config, path: str | None, options: dict | None) -> OmniParts | 
         encoders["audio"] = AudioFiles(config.audio_config, path, audio_options)
         placeholders["audio"] = config.audio_token_id
         brackets["audio"] = ([config.audio_start_token_id], [config.audio_end_token_id])
+    else:
+        encoders["video"] = VideoFiles(encoders["image"], config.vision_config)
+        placeholders["video"] = config.video_token_id
+        brackets["video"] = brackets["image"]
     return OmniParts(encoders, placeholders, brackets=brackets)
 
 
@@ -140,6 +184,15 @@ def _image_inputs(items: list[ImageItem]) -> dict:
     return {
         "pixel_values": torch.cat([item.pixel_values for item in items]),
         "image_grid_thw": torch.cat([item.grid_thw for item in items]),
+    }
+
+
+def _video_inputs(items: list[VideoItem]) -> dict:
+    if not items:
+        return {}
+    return {
+        "pixel_values_videos": torch.cat([item.pixel_values for item in items]),
+        "video_grid_thw": torch.cat([item.grid_thw for item in items]),
     }
 
 
@@ -164,10 +217,12 @@ class NativeInputs:
         self.model, self.parts = model, parts
         self.thinker = model.config.model_type == "qwen2_5_omni_thinker"
         inner = model.model
-        towers = [(inner.visual, lambda: self._dummy_pass("image"))]
+        passes = [(inner.visual, lambda: self._dummy_pass("image"))]
         if self.thinker:  # its forward runs the audio tower first
-            towers.insert(0, (inner.audio_tower, lambda: self._dummy_pass("audio")))
-        keep_in_step(towers, inner.language_model)
+            passes.insert(0, (inner.audio_tower, lambda: self._dummy_pass("audio")))
+        else:  # the vision tower again, on the videos
+            passes.append((inner.visual, lambda: self._dummy_pass("video")))
+        keep_in_step(passes, inner.language_model)
 
     def __call__(self, input_ids: torch.Tensor, segments: list[tuple[int, int, int]], media):
         """The media inputs and ``position_ids`` ``[3, rows, tokens]`` of a micro-batch.
@@ -189,6 +244,7 @@ class NativeInputs:
             positions[:, row, start : start + length] = self._rope(ids, items)[:, 0]
         inputs = {"position_ids": positions}
         inputs.update(_image_inputs(media.get("image", [])))
+        inputs.update(_video_inputs(media.get("video", [])))
         inputs.update(_audio_inputs(media.get("audio", [])))
         return {key: value.to(device) for key, value in inputs.items()}
 
@@ -196,8 +252,14 @@ class NativeInputs:
         """``[3, 1, tokens]`` M-RoPE positions of one sample, by the model's own function."""
         grids = _image_inputs(items["image"]).get("image_grid_thw")
         if not self.thinker:
-            mask = (ids == self.parts.placeholders["image"]).int()
-            return self.model.model.get_rope_index(ids, mask, image_grid_thw=grids)[0]
+            types = (ids == self.parts.placeholders["image"]).int()
+            types += 2 * (ids == self.parts.placeholders["video"]).int()
+            videos = {"video_grid_thw": _video_inputs(items["video"]).get("video_grid_thw")}
+            if self.model.config.model_type == "qwen2_5_vl" and items["video"]:
+                videos["second_per_grid_ts"] = torch.tensor(
+                    [item.seconds_per_grid for item in items["video"]]
+                )
+            return self.model.model.get_rope_index(ids, types, image_grid_thw=grids, **videos)[0]
         frames = [item.features.shape[-1] for item in items["audio"]]
         return self.model.model.get_rope_index(
             ids,
@@ -215,6 +277,10 @@ class NativeInputs:
             out = self.model.model.get_image_features(
                 **{k: v.to(device) for k, v in _image_inputs([item]).items()}
             )
+        elif modality == "video":
+            out = self.model.model.get_video_features(
+                **{k: v.to(device) for k, v in _video_inputs([item]).items()}
+            )
         else:
             out = self.model.model.get_audio_features(
                 **{k: v.to(device) for k, v in _audio_inputs([item]).items()}
@@ -230,48 +296,50 @@ def _total(output) -> torch.Tensor:
     return sum(_total(value) for value in values if value is not None)
 
 
-def keep_in_step(towers: list[tuple[nn.Module, Callable]], stack: nn.Module) -> None:
-    """Make each tower (in the order the model runs them) run exactly once in every forward
-    that reaches ``stack``, on every rank alike. Before a tower runs, and before ``stack``
-    runs, each earlier tower that has not run is run by its ``dummy_pass()``; the dummy
-    outputs enter ``stack``'s inputs times zero, so the backward pass reaches those towers
-    too. So a rank whose micro-batch has no image or audio gathers and reduces the same
-    FSDP units in the same order as the others, and its gradients are those of the
-    unsharded run. (A step without, say, any image on any rank gives the vision tower zero
-    gradients, so Adam's momentum still moves it.)"""
-    ran = [False] * len(towers)
+def keep_in_step(passes: list[tuple[nn.Module, Callable]], stack: nn.Module) -> None:
+    """Make every forward that reaches ``stack`` run the same tower passes, on every rank
+    alike. ``passes``: (tower, dummy_pass) in the order the model's forward runs them (a
+    tower may run more than once: Qwen2-VL's vision tower on images, then on videos).
+    Before a tower runs, and before ``stack`` runs, each earlier pass that did not happen
+    is made by its ``dummy_pass()``; the dummy outputs enter ``stack``'s inputs times
+    zero, so the backward pass reaches those towers too. So a rank whose micro-batch has no
+    image, video or audio gathers and reduces the same FSDP units in the same order as the
+    others, and its gradients are those of the unsharded run. (A step without, say, any
+    image on any rank gives the vision tower zero gradients, so Adam's momentum still
+    moves it.)"""
+    state = {"done": 0, "dummy": False}  # passes made in this forward; in a dummy pass
     pending = []
 
-    def catch_up(upto: int) -> None:
-        for index in range(upto):
-            if not ran[index]:
-                pending.append(towers[index][1]())
+    def make_dummies(upto: int) -> None:
+        state["dummy"] = True
+        for _, dummy_pass in passes[state["done"] : upto]:
+            pending.append(dummy_pass())
+        state["dummy"] = False
+        state["done"] = max(state["done"], upto)
 
-    def marker(index):
-        def mark(*_):
-            ran[index] = True
-
-        return mark
-
-    def before(index):
+    def before(tower):
         def hook(_module, args, kwargs):
-            catch_up(index)
-            return args, kwargs
+            if state["dummy"]:
+                return None
+            later = [i for i in range(state["done"], len(passes)) if passes[i][0] is tower]
+            if later:
+                make_dummies(later[0])
+                state["done"] = later[0] + 1
+            return None
 
         return hook
 
-    for index, (tower, _) in enumerate(towers):
-        tower.register_forward_hook(marker(index))
+    for tower in {id(tower): tower for tower, _ in passes}.values():
         # Before FSDP's own pre-hook (which gathers this tower), so gathers keep their order.
-        tower.register_forward_pre_hook(before(index), with_kwargs=True, prepend=True)
+        tower.register_forward_pre_hook(before(tower), with_kwargs=True, prepend=True)
 
     def before_stack(_module, args, kwargs):
-        catch_up(len(towers))
+        make_dummies(len(passes))
         if pending:
             extra = sum(pending).to(kwargs["inputs_embeds"].device)
             kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + 0.0 * extra
         pending.clear()
-        ran[:] = [False] * len(towers)
+        state["done"] = 0
         return args, kwargs
 
     stack.register_forward_pre_hook(before_stack, with_kwargs=True)
