@@ -395,7 +395,7 @@ class Trainer:
             final = save_full_weights(self.model, os.path.join(out, "final"), self.is_main)
         if t.export_hf_at_end:
             hf = os.path.join(out, "hf")
-            native = preprocessor_config(self.omni_parts) if self.native is not None else None
+            native = None if self.native is None else preprocessor_config(self.omni_parts)
             export_live(
                 self.model, self.hf_config, self.tokenizer, hf, self.is_main, self.cfg.model.omni,
                 preprocessor=native,
