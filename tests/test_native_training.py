@@ -1,7 +1,7 @@
-"""Native HF multimodal models (Qwen2-VL, the Qwen2.5-Omni thinker, as shipped) trained by
-``omniweave train`` on image and audio records: sharded and sequence-parallel runs against
-HF's own single-process model, which computes its multimodal RoPE positions itself, one
-sample per forward."""
+"""Native HF multimodal models (Qwen2-VL, Qwen2.5-VL, the Qwen2.5-Omni thinker, as shipped)
+trained by ``omniweave train`` on image, video and audio records: sharded and
+sequence-parallel runs against HF's own single-process model, which computes its multimodal
+RoPE positions itself, one sample per forward."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def native_data(tmp_path_factory, corpus) -> dict[str, dict[str, str]]:
-    """Per family: records with captioned images of 3 sizes, tones of 3 lengths (16 kHz)
-    clips of 3 to 5 frames (GIF), and plain text (see ``MEDIA``), and the tiny model saved
+    """Per family: records with captioned images of 3 sizes, tones of 3 lengths (16 kHz),
+    clips of 3 to 5 frames (GIF) and plain text (see ``MEDIA``), and the tiny model saved
     by ``save_pretrained``."""
     import soundfile
     from PIL import Image
