@@ -178,22 +178,22 @@ def preprocessor_config(parts: OmniParts) -> dict:
     return merged
 
 
-def _image_inputs(items: list[ImageItem]) -> dict:
-    if not items:
-        return {}
-    return {
-        "pixel_values": torch.cat([item.pixel_values for item in items]),
-        "image_grid_thw": torch.cat([item.grid_thw for item in items]),
-    }
+VISION_INPUTS = {  # the model's argument names for the pixels and grids of each modality
+    "image": ("pixel_values", "image_grid_thw"),
+    "video": ("pixel_values_videos", "video_grid_thw"),
+}
 
 
-def _video_inputs(items: list[VideoItem]) -> dict:
+def _vision_inputs(modality: str, items: list[ImageItem | VideoItem]) -> dict:
     if not items:
         return {}
-    return {
-        "pixel_values_videos": torch.cat([item.pixel_values for item in items]),
-        "video_grid_thw": torch.cat([item.grid_thw for item in items]),
-    }
+    pixels, grids = VISION_INPUTS[modality]
+    return {pixels: torch.cat([item.pixel_values for item in items]), grids: _grids(items)}
+
+
+def _grids(items: list[ImageItem | VideoItem]) -> torch.Tensor | None:
+    """``[items, 3]``: each item's (time, height, width) in patches; None for no item."""
+    return torch.cat([item.grid_thw for item in items]) if items else None
 
 
 def _audio_inputs(items: list[AudioItem]) -> dict:
@@ -243,18 +243,18 @@ class NativeInputs:
                 items[modality] = media.get(modality, [])[first : used[modality]]
             positions[:, row, start : start + length] = self._rope(ids, items)[:, 0]
         inputs = {"position_ids": positions}
-        inputs.update(_image_inputs(media.get("image", [])))
-        inputs.update(_video_inputs(media.get("video", [])))
+        inputs.update(_vision_inputs("image", media.get("image", [])))
+        inputs.update(_vision_inputs("video", media.get("video", [])))
         inputs.update(_audio_inputs(media.get("audio", [])))
         return {key: value.to(device) for key, value in inputs.items()}
 
     def _rope(self, ids: torch.Tensor, items: dict[str, list]) -> torch.Tensor:
         """``[3, 1, tokens]`` M-RoPE positions of one sample, by the model's own function."""
-        grids = _image_inputs(items["image"]).get("image_grid_thw")
+        grids = _grids(items["image"])
         if not self.thinker:
             types = (ids == self.parts.placeholders["image"]).int()
             types += 2 * (ids == self.parts.placeholders["video"]).int()
-            videos = {"video_grid_thw": _video_inputs(items["video"]).get("video_grid_thw")}
+            videos = {"video_grid_thw": _grids(items["video"])}
             if self.model.config.model_type == "qwen2_5_vl" and items["video"]:
                 videos["second_per_grid_ts"] = torch.tensor(
                     [item.seconds_per_grid for item in items["video"]]
@@ -273,19 +273,13 @@ class NativeInputs:
         its outputs (so every parameter is in the graph)."""
         device = self.model.get_input_embeddings().weight.device
         item = self.parts.encoders[modality].dummy_item()
-        if modality == "image":
-            out = self.model.model.get_image_features(
-                **{k: v.to(device) for k, v in _image_inputs([item]).items()}
-            )
-        elif modality == "video":
-            out = self.model.model.get_video_features(
-                **{k: v.to(device) for k, v in _video_inputs([item]).items()}
-            )
+        inner = self.model.model
+        if modality == "audio":
+            features, inputs = inner.get_audio_features, _audio_inputs([item])
         else:
-            out = self.model.model.get_audio_features(
-                **{k: v.to(device) for k, v in _audio_inputs([item]).items()}
-            )
-        return _total(out)
+            features = inner.get_image_features if modality == "image" else inner.get_video_features
+            inputs = _vision_inputs(modality, [item])
+        return _total(features(**{k: v.to(device) for k, v in inputs.items()}))
 
 
 def _total(output) -> torch.Tensor:
@@ -315,7 +309,7 @@ def keep_in_step(passes: list[tuple[nn.Module, Callable]], stack: nn.Module) -> 
         for _, dummy_pass in passes[state["done"] : upto]:
             pending.append(dummy_pass())
         state["dummy"] = False
-        state["done"] = max(state["done"], upto)
+        state["done"] = upto
 
     def before(tower):
         def hook(_module, args, kwargs):
