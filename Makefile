@@ -67,7 +67,7 @@ $(OMNI)/train.jsonl: $(DEBROOT)/.omni omniweave/data/demo.py omniweave/data/demo
 	$(BIN)/omniweave data build-demo $(OMNI) --root $(DEBROOT)
 
 $(OMNI)/tokenizer: $(OMNI)/train.jsonl
-	$(BIN)/omniweave data train-tokenizer --input $< --vocab-size 2048 --out $@
+	$(BIN)/omniweave data train-tokenizer --input $< --vocab-size 2048 --chat-template compact --out $@
 
 $(OMNI)/vq.pt: $(OMNI)/train.jsonl
 	$(BIN)/omniweave data train-vq $(OMNI)/images/train --out $@ --codebook-size 64 --downsample 1 --steps 1000

@@ -175,6 +175,18 @@ def test_train_tokenizer_rejects_bad_input(tmp_path):
         train_tokenizer(["a"], 100, str(tmp_path / "small"))
     with pytest.raises(ValueError, match="no texts"):
         train_tokenizer([], 300, str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="chat_template must be one of"):
+        train_tokenizer(CORPUS, 300, str(tmp_path / "odd"), chat_template="llama")
+
+
+def test_compact_template_learns_each_answer_and_its_end(tmp_path):
+    train_tokenizer(CORPUS + [m["content"] for m in CHAT], 400, str(tmp_path), "compact")
+    tok = load_tokenizer(str(tmp_path))
+    rendered = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    assert rendered == "You are terse.\nWhat is two plus two?\n"
+    sample = tokenize_record({"messages": CHAT}, tok, 1024)
+    assert tok.decode(sample["input_ids"]) == tok.apply_chat_template(CHAT, tokenize=False)
+    assert labelled_spans(tok, sample) == ["Four.<|endoftext|>", "Six, of course!<|endoftext|>"]
 
 
 def test_load_tokenizer_errors(tmp_path):

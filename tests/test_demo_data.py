@@ -25,9 +25,11 @@ from omniweave.data.demo import (
 from omniweave.data.loader import load_samples
 from omniweave.data.media import load_image
 from omniweave.data.processors import IGNORE_INDEX, load_tokenizer, tokenize_multimodal
+from omniweave.data.records import record_texts
 from omniweave.data.tokenizers import train_tokenizer
 from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders
 from omniweave.models.omni.vq import save_vq, train_vq
+from omniweave.train.evaluate import prompt_tokens, turn_ends
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_tasks_and_held_out_split(demo):
     assert counts == {"caption": train, "draw": draw, "video": video, "asr": asr, "text": 2}
     records, prompts = _lines(out / "train.jsonl"), _lines(out / "eval.jsonl")
     speech = {
-        r["media"]["audio"][0]: r["prompt"] + r["text"]
+        r["media"]["audio"][0]: " ".join(m["content"] for m in r["messages"])
         for r in records
         if "audio" in r.get("media", {})
     }
@@ -108,13 +110,15 @@ def test_tasks_and_held_out_split(demo):
     assert all((out / path).is_file() for path in trained | held_out)
 
 
-@pytest.fixture(scope="module")
-def parts(demo, tmp_path_factory):
-    """The demo config's encoders and decoder, a tokenizer of the demo records, and the records."""
+@pytest.fixture(scope="module", params=["compact", "chatml"])
+def parts(demo, tmp_path_factory, request):
+    """The demo config's encoders and decoder, a tokenizer of the demo records (with the
+    demo's compact chat template, and with ChatML), and the records."""
     out, _ = demo
     folder = tmp_path_factory.mktemp("parts")
     records = _lines(out / "train.jsonl")
-    train_tokenizer((r.get("prompt", "") + r["text"] for r in records), 600, str(folder / "tok"))
+    texts = (text for r in records for text in record_texts(r))
+    train_tokenizer(texts, 600, str(folder / "tok"), chat_template=request.param)
     images = [load_image(str(out / f"images/train/{i:04d}.png"), 1, 2) for i in range(32)]
     vq, _ = train_vq(torch.stack(images), steps=5, codebook_size=64, downsample=1)
     save_vq(vq, str(folder / "vq.pt"))
@@ -134,22 +138,31 @@ def test_records_load_with_the_demo_encoders(demo, parts):
     assert len(samples) == len(records) and not skipped and not any(counts.values())
 
 
-@pytest.mark.parametrize("task", ["caption", "draw"])
-def test_prompts_are_inputs_without_labels(demo, parts, task):
+@pytest.mark.parametrize("task", ["caption", "draw", "asr"])
+def test_eval_prompts_are_the_unlabelled_start_of_training_conversations(demo, parts, task):
     out, _ = demo
     omni, tokenizer, records = parts
-    record = next(r for r in records if r["task"] == task)
-    sample = tokenize_multimodal(record, tokenizer, omni, str(out))
-    whole = {"text": record["prompt"] + record["text"], "media": record["media"]}
-    reference = tokenize_multimodal(whole, tokenizer, omni, str(out))
-    assert sample["input_ids"] == reference["input_ids"]
-    media = {m: paths for m, paths in record["media"].items() if f"<{m}>" in record["prompt"]}
-    prompt = tokenize_multimodal(
-        {"text": record["prompt"], "media": media}, tokenizer, omni, str(out)
+    training = [r for r in records if r["task"] == task]
+    asked = {r["messages"][0]["content"] for r in training}
+    held_out = [p for p in _lines(out / "eval.jsonl") if p["task"] == task]
+    assert held_out and all(
+        p["messages"] == [{"role": "user", "content": p["messages"][0]["content"]}]
+        for p in held_out
     )
-    start = len(prompt["input_ids"]) - 1  # the prompt alone, without its end-of-text token
-    assert set(sample["labels"][:start]) == {IGNORE_INDEX}
-    assert sample["labels"][start:] == reference["labels"][start:]
+    assert {p["messages"][0]["content"] for p in held_out} <= asked
+    record = training[0]
+    sample = tokenize_multimodal(record, tokenizer, omni, str(out))
+    user = record["messages"][0]["content"]
+    media = {m: paths for m, paths in record["media"].items() if f"<{m}>" in user}
+    prompt, _ = prompt_tokens(
+        {"messages": record["messages"][:1], "media": media}, tokenizer, omni, str(out)
+    )
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids[: len(prompt)] == prompt
+    assert set(labels[: len(prompt)]) == {IGNORE_INDEX}
+    learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert learned == list(range(len(prompt), learned[-1] + 1))  # the answer follows the prompt
+    assert ids[learned[-1]] in turn_ends(tokenizer)  # and ends where generation stops
 
 
 def test_word_aligner_refuses_words_it_cannot_spell():

@@ -53,7 +53,7 @@ def test_generated_text_with_an_image_stops_at_eos(omni):
     embeds = omni.embed(torch.tensor([ids]), {"image": [image]})
     reference = _uncached(omni.foundation, embeds, 10, lambda logits: int(logits.argmax()))
     eos = reference[4]
-    assert generate_text(omni, ids, {"image": [image]}, eos, limit=10) == reference[:4]
+    assert generate_text(omni, ids, {"image": [image]}, {eos}, limit=10) == reference[:4]
 
 
 def test_image_decoder_draws_the_uncached_codes(omni, tmp_path):

@@ -2,6 +2,8 @@
 
 import argparse
 
+from omniweave.data.tokenizers import CHAT_TEMPLATES
+
 DEFAULT_FORTUNES = "/usr/share/games/fortunes"
 
 
@@ -14,6 +16,12 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, help="records (.jsonl or .parquet)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="output tokenizer folder")
+    p.add_argument(
+        "--chat-template",
+        choices=sorted(CHAT_TEMPLATES),
+        default="chatml",
+        help="how messages records are rendered (compact: prompt, newline, answer, end of text)",
+    )
     p.set_defaults(func=_train_tokenizer)
 
     p = commands.add_parser("qwen-tokenizer", help="write a Qwen2-compatible tokenizer folder")
@@ -48,7 +56,8 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     from omniweave.data.tokenizers import train_tokenizer
 
     records = read_records(args.input)
-    train_tokenizer((t for r in records for t in record_texts(r)), args.vocab_size, args.out)
+    texts = (t for r in records for t in record_texts(r))
+    train_tokenizer(texts, args.vocab_size, args.out, args.chat_template)
     print(f"trained a {args.vocab_size}-token tokenizer on {len(records)} records -> {args.out}")
 
 

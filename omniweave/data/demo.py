@@ -1,6 +1,6 @@
 """``omniweave data build-demo OUT``: the omni demo's data set, from real offline sources.
 
-Tasks (``train.jsonl``, text records with ``<modality>`` markers and media files):
+Tasks (``train.jsonl``, conversations with ``<modality>`` markers and media files):
 image captioning (handwritten digits, emoji), speech recognition (real recordings
 and synthesised speech), video captioning (digits in motion), text-to-image
 (``<draw>`` targets) and plain text (fortunes). ``eval.jsonl`` holds held-out
@@ -44,7 +44,7 @@ PROMPTS = {
     "emoji": "<image> emoji:",
     "video": "<video> motion:",
     "asr": "<audio> transcribe:",
-    "draw": "draw: a handwritten {word} ",
+    "draw": "draw: a handwritten {word}",
 }
 
 
@@ -71,7 +71,7 @@ def build_demo(
         word = src.DIGIT_WORDS[label]
         if part == "train":
             caption = f"a handwritten {word}"
-            train.append(_record("caption", f" {caption}", PROMPTS["caption"], image=path))
+            train.append(_record("caption", caption, PROMPTS["caption"], image=path))
             if index % 3 == 1:  # drawing is learned from a third of the digits
                 prompt = PROMPTS["draw"].format(word=word)
                 train.append(_record("draw", "<draw>", prompt, draw=path))
@@ -90,7 +90,7 @@ def build_demo(
         src.save_gif(os.path.join(out, path), src.motion_clip(images[index], motion))
         caption = f"a {src.DIGIT_WORDS[labels[index]]} {motion}"
         if part == "train":
-            train.append(_record("video", f" {caption}", PROMPTS["video"], video=path))
+            train.append(_record("video", caption, PROMPTS["video"], video=path))
         else:
             evaluation.append(_eval("video", int(labels[index]), answer=caption, video=path))
     notes.append("video: digits sliding and zooming")
@@ -100,7 +100,7 @@ def build_demo(
         for index, (name, image) in enumerate(emoji):
             path = f"emoji/{index:04d}.png"
             src.save_png(os.path.join(out, path), image)
-            train.append(_record("caption", f" {name}", PROMPTS["emoji"], image=path))
+            train.append(_record("caption", name, PROMPTS["emoji"], image=path))
         notes.append(f"images: {len(emoji)} Noto Color Emoji glyphs")
     else:
         notes.append("skipped emoji: install Debian's fonts-noto-color-emoji")
@@ -137,7 +137,7 @@ def _speech(
     for index, (path, text, raw_rate) in enumerate(utterances):
         name = f"audio/pocketsphinx_{index:02d}.wav"
         src.save_wav(os.path.join(out, name), src.read_audio(path, raw_rate))
-        records.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
+        records.append(_record("asr", text, PROMPTS["asr"], audio=name))
     if utterances:
         notes.append(f"audio: {len(utterances)} pocketsphinx test utterances")
     else:
@@ -154,7 +154,7 @@ def _speech(
         engine, voice, command, word = job
         name = f"audio/{engine}_{voice:02d}_{word}.wav"
         src.save_wav(os.path.join(out, name), src.speak(command, word, os.path.join(out, name)))
-        return _record("asr", f" {word}", PROMPTS["asr"], audio=name)
+        return _record("asr", word, PROMPTS["asr"], audio=name)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         records += list(pool.map(run, jobs))
@@ -190,7 +190,7 @@ def _allison(out: str, root: str, evaluation: list, notes: list, rng) -> list[di
             continue
         name = f"audio/allison_prompt_{index:03d}.wav"
         src.save_wav(os.path.join(out, name), audio)
-        phrases.append(_record("asr", f" {text}", PROMPTS["asr"], audio=name))
+        phrases.append(_record("asr", text, PROMPTS["asr"], audio=name))
         if align is None or not set(text.split()) & set(src.DIGIT_WORDS):
             continue
         for k, (word, start, end) in enumerate(align(audio, text)):
@@ -201,7 +201,7 @@ def _allison(out: str, root: str, evaluation: list, notes: list, rng) -> list[di
                     lead, trail = rng.integers(*WORD_SILENCE, size=2, endpoint=True)
                     clip = [np.zeros(lead), src.change_speed(cut, speed), np.zeros(trail)]
                     src.save_wav(os.path.join(out, name), np.concatenate(clip))
-                    words.append(_record("asr", f" {word}", PROMPTS["asr"], audio=name))
+                    words.append(_record("asr", word, PROMPTS["asr"], audio=name))
     notes.append(f"audio: {len(phrases)} real Allison phrases (+ {len(held_out)} digits held out)")
     if align is None:
         notes.append("skipped Allison's digit words cut from her phrases: pip install pocketsphinx")
@@ -213,17 +213,24 @@ def _allison(out: str, root: str, evaluation: list, notes: list, rng) -> list[di
     return phrases + words
 
 
-def _record(task: str, text: str, prompt: str = "", **media: str) -> dict:
-    """A training record: ``prompt`` (not learned) then ``text`` (learned)."""
-    record = {"task": task, "prompt": prompt} if prompt else {"task": task}
-    return _with_media({**record, "text": text}, media)
+def _record(task: str, answer: str, prompt: str = "", **media: str) -> dict:
+    """A training conversation: the user's ``prompt`` (not learned, none for plain text),
+    then the assistant's ``answer`` (learned)."""
+    turns = [_turn("user", prompt)] if prompt else []
+    return _with_media({"task": task, "messages": [*turns, _turn("assistant", answer)]}, media)
 
 
 def _eval(task: str, label: int, answer: str | None = None, prompt_word: str = "", **media):
-    record = {"task": task, "prompt": PROMPTS[task].format(word=prompt_word), "label": label}
+    """A held-out prompt: the user turn of a training conversation, and what it should get."""
+    prompt = PROMPTS[task].format(word=prompt_word)
+    record = {"task": task, "messages": [_turn("user", prompt)], "label": label}
     if answer:
         record["answer"] = answer
     return _with_media(record, media)
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
 
 
 def _with_media(record: dict, media: dict[str, str]) -> dict:

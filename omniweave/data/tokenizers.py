@@ -18,6 +18,16 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Compact: a prompt turn then a newline, an answer then <|endoftext|>; no role headers. The
+# omni demo's 4-layer model then reads its task word ("describe:") right before the answer:
+# its digit captioning is 0.94 so, 0.83 with ChatML's headers between the two (700 steps).
+COMPACT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] + '<|endoftext|>' }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "compact": COMPACT_TEMPLATE}
 
 # Qwen2's pre-tokenizer split (as in its tokenizer.json): digits one at a time.
 QWEN2_PATTERN = (
@@ -27,8 +37,13 @@ QWEN2_PATTERN = (
 QWEN2_NUM_RANKS = 151643  # ids of <|endoftext|>, <|im_start|>, <|im_end|> follow
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> None:
-    """Train a byte-level BPE with ChatML special tokens on ``texts``; save to ``out_dir``."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str, chat_template: str = "chatml"
+) -> None:
+    """Train a byte-level BPE with ChatML special tokens on ``texts``; save it to ``out_dir``
+    with the chat template named ``chat_template`` (see ``CHAT_TEMPLATES``)."""
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_template must be one of {sorted(CHAT_TEMPLATES)}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     min_size = 256 + len(SPECIAL_TOKENS)
@@ -47,7 +62,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> None
     tokenizer.train_from_iterator(counted, trainer=trainer)
     if counted.count == 0:
         raise ValueError("train_tokenizer got no texts to train on")
-    _save(tokenizer, out_dir)
+    _save(tokenizer, out_dir, CHAT_TEMPLATES[chat_template])
 
 
 def qwen_tokenizer(out_dir: str) -> None:
@@ -71,7 +86,7 @@ def qwen_tokenizer(out_dir: str) -> None:
     tokenizer.normalizer = normalizers.NFC()  # Qwen2 (and tiktoken's Qwen) normalise to NFC
     ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
     assert ids == list(range(QWEN2_NUM_RANKS, QWEN2_NUM_RANKS + 3)), ids
-    _save(tokenizer, out_dir)
+    _save(tokenizer, out_dir, CHATML_TEMPLATE)
 
 
 def has_tokenizer(folder: str) -> bool:
@@ -82,7 +97,7 @@ def has_tokenizer(folder: str) -> bool:
     )
 
 
-def _save(tokenizer, out_dir: str) -> None:
+def _save(tokenizer, out_dir: str, chat_template: str) -> None:
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
@@ -90,7 +105,7 @@ def _save(tokenizer, out_dir: str) -> None:
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
         additional_special_tokens=[IM_START, IM_END],
-        chat_template=CHATML_TEMPLATE,
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
     )
     os.makedirs(out_dir, exist_ok=True)

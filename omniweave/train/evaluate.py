@@ -20,6 +20,7 @@ from omniweave.config import load_config
 from omniweave.data.demo import EVAL_DIGITS
 from omniweave.data.demo_sources import DIGIT_WORDS, handwritten_digits
 from omniweave.data.processors import load_tokenizer, tokenize_multimodal
+from omniweave.data.tokenizers import IM_END
 from omniweave.models.loader import load_hf_config
 from omniweave.models.omni.decoders import greedy_decode
 from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
@@ -41,12 +42,13 @@ def load_trained(run: str) -> tuple[OmniModel, OmniParts, object]:
     return model.eval(), parts, load_tokenizer(cfg.data.tokenizer_path)
 
 
-def generate_text(model: OmniModel, ids: list[int], media: dict, eos: int, limit: int = 16):
-    """Greedy continuation of ``ids`` (with media at its placeholders) up to ``eos``."""
+def generate_text(model: OmniModel, ids: list[int], media: dict, stops: set, limit: int = 16):
+    """Greedy continuation of ``ids`` (with media at its placeholders) up to a token of
+    ``stops``."""
 
     def choose(logits: torch.Tensor) -> int | None:
         token = int(logits.argmax())
-        return None if token == eos else token
+        return None if token in stops else token
 
     with torch.no_grad():
         embeds = model.embed(torch.tensor([ids]), media)
@@ -72,6 +74,25 @@ def digit_classifier() -> tuple[object, float]:
     return classifier, float(classifier.score(features[split:], labels[split:]))
 
 
+def prompt_tokens(prompt: dict, tokenizer, parts: OmniParts, data: str) -> tuple[list, dict]:
+    """An eval prompt's ids (its conversation and the generation prompt, as the chat
+    template renders them) and its media tensors."""
+    chat = tokenizer.apply_chat_template(
+        prompt["messages"], add_generation_prompt=True, tokenize=False
+    )
+    tokens = tokenize_multimodal(
+        {"text": chat, "media": prompt.get("media", {})}, tokenizer, parts, data
+    )
+    return tokens["input_ids"][:-1], tokens["media"]  # without the end-of-text token
+
+
+def turn_ends(tokenizer) -> set[int]:
+    """The tokens that may close an assistant turn: end of text, and ChatML's ``<|im_end|>``
+    where the vocabulary has it."""
+    ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)}
+    return ends - {None, tokenizer.unk_token_id}
+
+
 def evaluate(run: str, data: str) -> dict:
     """Score every prompt of ``data/eval.jsonl``; write ``eval.json`` and ``generated.png``."""
     start = time.perf_counter()
@@ -83,9 +104,7 @@ def evaluate(run: str, data: str) -> dict:
     drawings, examples = [], {}
     for prompt in prompts:
         task = prompt["task"]
-        record = {"text": prompt["prompt"], "media": prompt.get("media", {})}
-        tokens = tokenize_multimodal(record, tokenizer, parts, data)
-        ids = tokens["input_ids"][:-1]  # without the end-of-text token
+        ids, media = prompt_tokens(prompt, tokenizer, parts, data)
         if task == "draw":
             decoder = next(iter(parts.decoders.values()))
             image = decoder.lm_generate(model, ids)[0].clamp(0, 1).numpy()
@@ -93,7 +112,7 @@ def evaluate(run: str, data: str) -> dict:
             drawings.append((prompt["label"], image))
             scores.setdefault("draw", []).append(predicted == prompt["label"])
             continue
-        generated = generate_text(model, ids, tokens["media"], tokenizer.eos_token_id)
+        generated = generate_text(model, ids, media, turn_ends(tokenizer))
         text = tokenizer.decode(generated).strip()
         examples.setdefault(task, []).append({"label": prompt["label"], "generated": text})
         scores.setdefault(task, []).append(named_digit(text) == prompt["label"])
