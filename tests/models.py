@@ -127,7 +127,7 @@ def tiny_qwen2_5_omni_thinker(seed: int = 0, audio_token: int = AUDIO_TOKEN):
             num_mel_bins=16, output_dim=64, max_source_positions=100, n_window=8,
         ),
         audio_token_id=AUDIO_TOKEN + shift, image_token_id=OMNI_IMAGE_TOKEN + shift,
-        video_token_id=502 + shift, vision_start_token_id=VISION_START + shift,
+        video_token_id=504 + shift, vision_start_token_id=VISION_START + shift,
         vision_end_token_id=VISION_END + shift, audio_start_token_id=AUDIO_START + shift,
         audio_end_token_id=AUDIO_END + shift,
     )  # fmt: skip

@@ -22,7 +22,7 @@ PROCESSOR = {"size": {"shortest_edge": 64, "longest_edge": 576}}  # 8x8 to 24x24
 # Qwen2-VL: rank 0 has a video and no image in step 1, only a video (and no rank an image) in
 # step 2, both in step 3; Qwen2.5-VL: rank 1 has only a video in step 1, nothing in step 2
 # (its windowed tower runs on dummy items). The thinker: rank 0 has only images and rank 1
-# only audio in step 1, rank 1 has neither in step 3.
+# only audio in step 1, rank 1 has only a video (and no image) in step 2, neither in step 3.
 MEDIA = {
     "qwen2_vl": [
         "", "image", "video", "image", "", "", "video", "", "image", "image", "image video",
@@ -32,9 +32,15 @@ MEDIA = {
         "image", "", "image", "video", "", "", "image", "", "image", "image", "", "video",
     ],
     "qwen2_5_omni_thinker": [
-        "image", "audio", "", "audio", "image audio", "", "", "image", "audio", "", "image", "",
+        "image", "audio", "", "audio", "image audio", "video", "", "", "audio", "", "image video",
+        "",
     ],
 }  # fmt: skip
+# The argument of the clips' seconds per temporal patch (M-RoPE), where the family has one.
+SECONDS_PER_GRID = {
+    "qwen2_5_vl": "second_per_grid_ts",
+    "qwen2_5_omni_thinker": "video_second_per_grid",
+}
 EXTENSIONS = {"image": "png", "video": "gif", "audio": "wav"}
 MODELS = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "tiny_qwen2_vl", "image_token"),
@@ -149,9 +155,9 @@ def _reference(family: str, data: dict):
                 types = (ids == FIRST_SPECIAL).int() + 2 * (ids == FIRST_SPECIAL + 1).int()
                 rope = {"mm_token_type_ids": types}
             inputs = _hf_media_inputs(sample.media)
-            if family == "qwen2_5_vl" and sample.media.get("video"):
+            if family in SECONDS_PER_GRID and sample.media.get("video"):
                 seconds = [video.seconds_per_grid for video in sample.media["video"]]
-                inputs["second_per_grid_ts"] = torch.tensor(seconds)
+                inputs[SECONDS_PER_GRID[family]] = torch.tensor(seconds)
             logits = model(input_ids=ids, **rope, **inputs).logits[0, :-1]
             targets = torch.tensor(sample.labels[1:])
             loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count

@@ -157,14 +157,13 @@ def native_parts(config, path: str | None, options: dict | None) -> OmniParts | 
     encoders = {"image": ImageFiles(config.vision_config, path, options)}
     placeholders = {"image": config.image_token_id}
     brackets = {"image": ([config.vision_start_token_id], [config.vision_end_token_id])}
+    encoders["video"] = VideoFiles(encoders["image"], config.vision_config)
+    placeholders["video"] = config.video_token_id
+    brackets["video"] = brackets["image"]
     if config.model_type == "qwen2_5_omni_thinker":
         encoders["audio"] = AudioFiles(config.audio_config, path, audio_options)
         placeholders["audio"] = config.audio_token_id
         brackets["audio"] = ([config.audio_start_token_id], [config.audio_end_token_id])
-    else:
-        encoders["video"] = VideoFiles(encoders["image"], config.vision_config)
-        placeholders["video"] = config.video_token_id
-        brackets["video"] = brackets["image"]
     return OmniParts(encoders, placeholders, brackets=brackets)
 
 
@@ -217,11 +216,12 @@ class NativeInputs:
         self.model, self.parts = model, parts
         self.thinker = model.config.model_type == "qwen2_5_omni_thinker"
         inner = model.model
-        passes = [(inner.visual, lambda: self._dummy_pass("image"))]
+        passes = [  # the vision tower on the images, then again on the videos
+            (inner.visual, lambda: self._dummy_pass("image")),
+            (inner.visual, lambda: self._dummy_pass("video")),
+        ]
         if self.thinker:  # its forward runs the audio tower first
             passes.insert(0, (inner.audio_tower, lambda: self._dummy_pass("audio")))
-        else:  # the vision tower again, on the videos
-            passes.append((inner.visual, lambda: self._dummy_pass("video")))
         keep_in_step(passes, inner.language_model)
 
     def __call__(self, input_ids: torch.Tensor, segments: list[tuple[int, int, int]], media):
@@ -250,22 +250,22 @@ class NativeInputs:
 
     def _rope(self, ids: torch.Tensor, items: dict[str, list]) -> torch.Tensor:
         """``[3, 1, tokens]`` M-RoPE positions of one sample, by the model's own function."""
-        grids = _grids(items["image"])
+        grids = {"image_grid_thw": _grids(items["image"]), "video_grid_thw": _grids(items["video"])}
+        seconds = [item.seconds_per_grid for item in items["video"]]
+        seconds = torch.tensor(seconds) if seconds else None
         if not self.thinker:
             types = (ids == self.parts.placeholders["image"]).int()
             types += 2 * (ids == self.parts.placeholders["video"]).int()
-            videos = {"video_grid_thw": _grids(items["video"])}
-            if self.model.config.model_type == "qwen2_5_vl" and items["video"]:
-                videos["second_per_grid_ts"] = torch.tensor(
-                    [item.seconds_per_grid for item in items["video"]]
-                )
-            return self.model.model.get_rope_index(ids, types, image_grid_thw=grids, **videos)[0]
+            if self.model.config.model_type == "qwen2_5_vl":
+                grids["second_per_grid_ts"] = seconds
+            return self.model.model.get_rope_index(ids, types, **grids)[0]
         frames = [item.features.shape[-1] for item in items["audio"]]
         return self.model.model.get_rope_index(
             ids,
-            image_grid_thw=grids,
+            **grids,
             attention_mask=torch.ones_like(ids),
             audio_seqlens=torch.tensor(frames) if frames else None,
+            second_per_grids=seconds,
         )[0]
 
     def _dummy_pass(self, modality: str) -> torch.Tensor:
