@@ -41,6 +41,7 @@ def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
     """Losses, step seconds and non-padding tokens per step of OmniWeave (packed rows), the
     sample indices of each step, and the tokenized samples."""
     from omniweave.config import load_config
+    from omniweave.data.loader import load_samples
     from omniweave.train.trainer import Trainer
 
     settings = {
@@ -71,8 +72,9 @@ def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
         losses.append(result["loss"])
         tokens.append(result["step_tokens"])
         mfu.append(result["flops"] / seconds[-1] / trainer.peak_flops)
-    order = [trainer.batches.sampler.global_batch(step) for step in range(steps)]
-    return losses, seconds, tokens, order, trainer.samples, (mfu, trainer.peak_flops)
+    order = [[i for _, i in trainer.batches.order.global_batch(step)] for step in range(steps)]
+    samples, _, _ = load_samples(DATA, trainer.tokenizer, MAX_LEN, "truncate")  # record order
+    return losses, seconds, tokens, order, samples, (mfu, trainer.peak_flops)
 
 
 def hf_run(model_dir: str, out: str, samples, order, batch: int) -> tuple[list, list]:

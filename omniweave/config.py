@@ -40,9 +40,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data (JSONL or Parquet), tokenization, packing and batching."""
+    """Training data (files, directories or globs of JSONL, JSONL.gz, JSON, Parquet or
+    `datasets` folders), tokenization, packing, batching and the loading workers."""
 
     train_path: str | None = None
+    sources: list[dict] | None = None  # a weighted mix instead: [{path, weight}, ...]
     tokenizer_path: str | None = None
     max_seq_len: int = _opt(2048, ge=1)
     packing: bool = False
@@ -51,6 +53,9 @@ class DataConfig:
     shuffle: bool = True
     on_overlong: str = _opt("truncate", choices=("truncate", "drop", "error"))
     on_bad_sample: str = _opt("error", choices=("error", "skip"))  # malformed record / media
+    num_workers: int | None = _opt(None, ge=0)  # processes preparing steps; None: by the cores
+    prefetch: int = _opt(2, ge=1)  # steps prepared ahead of the trainer
+    allow_changed_sources: bool = False  # resume although a shard was added, removed or edited
 
 
 @dataclass

@@ -9,7 +9,6 @@ import os
 import pytest
 
 from omniweave.config import load_config
-from omniweave.data.loader import GlobalBatchSampler
 from omniweave.train.checkpoint import resolve_resume
 from tests.distributed import run_distributed
 from tests.models import TINY
@@ -84,18 +83,3 @@ def test_resume_on_another_layout(corpus, tmp_path, model, first, then, procs):
     straight, resumed = _straight_and_resumed(corpus, tmp_path, model, first, then, procs)
     for a, b in zip(straight[SAVED:], resumed, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
-
-
-@pytest.mark.parametrize("before,after", [(4, 2), (2, 4), (4, 1)])
-def test_each_sample_once_per_epoch_across_a_change_of_data_parallel_size(before, after):
-    """Steps 0-2 at ``before`` data-parallel ranks, the rest of the epoch at ``after``."""
-
-    def sampler(ranks: int, rank: int) -> GlobalBatchSampler:
-        return GlobalBatchSampler(64, 8, 2, ranks, rank, seed=3, shuffle=True)
-
-    seen = []
-    for step in range(8):
-        ranks = before if step < 3 else after
-        for rank in range(ranks):
-            seen += [i for part in sampler(ranks, rank).micro_batches(step) for i in part]
-    assert sorted(seen) == list(range(64))

@@ -18,7 +18,7 @@ from omniweave.data.processors import (
     tokenize_multimodal,
     tokenize_record,
 )
-from omniweave.data.records import read_records
+from omniweave.data.sources import read_records
 from omniweave.data.tokenizers import qwen_tokenizer, train_tokenizer
 
 CHAT = [
@@ -131,7 +131,7 @@ def test_read_parquet_bad_row(tmp_path):
 
 
 def test_read_records_bad_files(tmp_path):
-    with pytest.raises(ValueError, match="missing.jsonl: file not found"):
+    with pytest.raises(ValueError, match="missing.jsonl: no such file"):
         read_records(str(tmp_path / "missing.jsonl"))
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
@@ -143,7 +143,7 @@ def test_read_records_bad_files(tmp_path):
         read_records(str(empty))
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet at all")
-    with pytest.raises(ValueError, match="garbage.parquet: cannot read parquet"):
+    with pytest.raises(ValueError, match="garbage.parquet: cannot read"):
         read_records(str(garbage))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from omniweave.data.processors import load_tokenizer, tokenize_record
-from omniweave.data.records import read_records
+from omniweave.data.sources import read_records
 from tests.distributed import run_distributed
 from tests.models import hf_model
 from tests.test_parity import _overrides, _train_runs

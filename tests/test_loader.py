@@ -1,11 +1,15 @@
-"""Sample loading policies and the global-batch sampler."""
+"""Sample loading policies, the sample order and the step batches (one process)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from omniweave.data.loader import GlobalBatchSampler, load_samples
+from omniweave.data.loader import SampleMaker, StepBatches, load_samples, prefetched
+from omniweave.data.order import SampleOrder
 from omniweave.data.processors import load_tokenizer
+from omniweave.data.sources import index_sources
 
 
 def test_overlong_policies_are_counted(corpus):
@@ -24,26 +28,90 @@ def test_overlong_policies_are_counted(corpus):
         load_samples(corpus["train_path"], tokenizer, limit, "error")
 
 
-@pytest.mark.parametrize("shuffle", [False, True])
-def test_every_layout_trains_the_same_samples_per_step(shuffle):
-    def step_samples(dp_size, micro):
-        samplers = [
-            GlobalBatchSampler(50, 8, micro, dp_size, r, 3, shuffle) for r in range(dp_size)
+def _batches(corpus, tmp_path, dp: tuple[int, int], **options) -> StepBatches:
+    tokenizer = load_tokenizer(corpus["tokenizer_path"])
+    sources = index_sources([(corpus["train_path"], 1.0)], str(tmp_path / "index"))
+    order = SampleOrder(sources.sizes, sources.weights, 8, seed=3)
+    return StepBatches(sources, order, SampleMaker(tokenizer, 64, "truncate"), dp, 0, **options)
+
+
+def _tokens(batches: list) -> list[tuple]:
+    """The samples of micro-batches, as token tuples (a packed row cut at its segments)."""
+    return [
+        tuple(batch.input_ids[row, start : start + n].tolist())
+        for batch in batches
+        for row, start, n in batch.segments
+    ]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_every_layout_trains_the_same_samples_per_step(corpus, tmp_path, packing):
+    """Fixed micro-batches at 1, 2 and 4 ranks, and a token budget at 2 and 4, give each step
+    the same samples: the records the order names, each once."""
+    tokenizer = load_tokenizer(corpus["tokenizer_path"])
+    samples, _, _ = load_samples(corpus["train_path"], tokenizer, 64, "truncate")
+    order = SampleOrder([len(samples)], [1.0], 8, seed=3)
+    layouts = [(1, {"micro_batch_size": 8}), (2, {"micro_batch_size": 2})]
+    layouts += [(4, {"micro_batch_size": 1}), (2, {"budget": (128, "tokens")})]
+    layouts += [(4, {"budget": (96, "labels")})]
+    for dp, options in layouts:
+        ranks = [_batches(corpus, tmp_path, (dp, r), packing=packing, **options) for r in range(dp)]
+        for step in range(10):  # over an epoch boundary (64 records, 8 per step)
+            expected = sorted(tuple(samples[i].input_ids) for _, i in order.global_batch(step))
+            per_rank = [rank.micro_batches(step) for rank in ranks]
+            assert len({len(batches) for batches in per_rank}) == 1  # same forward passes
+            assert sorted(t for batches in per_rank for t in _tokens(batches)) == expected
+
+
+def test_order_takes_each_record_once_per_epoch():
+    order = SampleOrder([48], [1.0], 8, seed=1)
+    stream = [i for step in range(24) for _, i in order.global_batch(step)]  # 4 epochs
+    for epoch in range(4):
+        assert sorted(stream[epoch * 48 : (epoch + 1) * 48]) == list(range(48))
+    assert stream[:48] != stream[48:96]  # a new permutation per epoch
+    plain = SampleOrder([50], [1.0], 8, seed=1, shuffle=False)
+    assert [i for step in range(7) for _, i in plain.global_batch(step)] == (list(range(50)) * 2)[
+        :56
+    ]
+
+
+def test_mixture_follows_the_weights_and_is_a_function_of_the_step():
+    order = SampleOrder([100, 30, 7], [5.0, 3.0, 2.0], 16, seed=4)
+    steps = [order.global_batch(step) for step in range(50)]
+    for step in range(1, 51):
+        taken = [
+            sum(s == source for batch in steps[:step] for s, _ in batch) for source in range(3)
         ]
-        return [
-            sorted(i for s in samplers for mb in s.micro_batches(step) for i in mb)
-            for step in range(12)
-        ]
-
-    reference = step_samples(1, 8)
-    assert step_samples(4, 1) == step_samples(2, 2) == reference
-    epoch = sorted(i for step in reference[:6] for i in step)
-    assert len(set(epoch)) == len(epoch) == 48  # no sample twice within an epoch
-    assert (reference[6] != reference[0]) == shuffle  # a new permutation per epoch
+        for source, weight in enumerate([0.5, 0.3, 0.2]):
+            assert abs(taken[source] - weight * 16 * step) < 1  # the rounding carried over
+    again = SampleOrder([100, 30, 7], [5.0, 3.0, 2.0], 16, seed=4)
+    assert [again.global_batch(step) for step in (37, 3, 49)] == [steps[37], steps[3], steps[49]]
+    records = [i for batch in steps for s, i in batch if s == 2]
+    assert sorted(records[:7]) == list(range(7))  # a small source cycles through its epochs
 
 
-def test_sampler_rejects_uneven_batches():
-    with pytest.raises(ValueError, match="not a multiple of"):
-        GlobalBatchSampler(50, 6, 1, 4, 0, 0)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        GlobalBatchSampler(5, 8, 1, 4, 0, 0)
+def test_resume_refuses_another_order_or_changed_data(corpus, tmp_path):
+    batches = _batches(corpus, tmp_path, (1, 0))
+    saved = batches.state_dict()
+    batches.check_resume(saved, allow_changed_sources=False)
+    with pytest.raises(ValueError, match="another sample order .*seed: 4 -> 3"):
+        batches.check_resume({**saved, "seed": 4}, allow_changed_sources=False)
+    edited = {**saved, "sources": [[1.0, [["train.jsonl", 1, 64, 0]]]]}
+    with pytest.raises(ValueError, match="data.allow_changed_sources"):
+        batches.check_resume(edited, allow_changed_sources=False)
+    batches.check_resume(edited, allow_changed_sources=True)
+
+
+def test_a_bad_record_in_a_worker_is_one_line(corpus, tmp_path):
+    lines = Path(corpus["train_path"]).read_text().splitlines()
+    lines[5] = '{"text": 7}'
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    batches = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), micro_batch_size=8)
+    errors = [data.error for data in prefetched(batches, 0, 8, workers=1, prefetch=2)]
+    failing = [error for error in errors if error]
+    assert failing and all(error == f"{bad}, line 6: 'text' must be a string, got int"
+                           for error in failing)  # fmt: skip
+    skipping = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), skip_bad=True)
+    skipped = [reason for data in prefetched(skipping, 0, 8, 1, 2) for reason in data.skipped]
+    assert skipped == [f"{bad}, line 6: 'text' must be a string, got int"]

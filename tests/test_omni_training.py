@@ -131,19 +131,15 @@ def _args(data: dict, out: str, **extra) -> list[str]:
 def _imageless_steps(data: dict, dp: int) -> list[int]:
     """Steps at which a data-parallel rank has a one-sample micro-batch with no image in or
     out (its encoder and decoder run on nothing): samples are the records, in file order."""
-    from omniweave.data.loader import GlobalBatchSampler
+    from omniweave.data.order import SampleOrder
 
     lines = (data["root"] / "train.jsonl").read_text().splitlines()
     media = [set(json.loads(line).get("media", {})) for line in lines]
-    samplers = [GlobalBatchSampler(len(media), 4, 1, dp, rank, 0, False) for rank in range(dp)]
-    return [
+    order = SampleOrder([len(media)], [1.0], 4, 0, shuffle=False)
+    return [  # one sample per micro-batch: every record is some rank's micro-batch
         step + 1
         for step in range(5)
-        if any(
-            not media[index] & {"image", "draw"}
-            for sampler in samplers
-            for (index,) in sampler.micro_batches(step)
-        )
+        if any(not media[index] & {"image", "draw"} for _, index in order.global_batch(step))
     ]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from omniweave.data.processors import load_tokenizer, tokenize_record
-from omniweave.data.records import read_records
+from omniweave.data.sources import read_records
 from tests.distributed import run_distributed
 from tests.models import hf_model
 
@@ -237,13 +237,14 @@ def test_sample_mean_loss_matches_unsharded_reference(models, corpus, tmp_path):
 
 def test_ranks_hold_unequal_token_counts(corpus):
     """The parity data really gives data-parallel ranks different numbers of tokens."""
-    from omniweave.data.loader import GlobalBatchSampler, load_samples
+    from omniweave.data.loader import load_samples
+    from omniweave.data.order import SampleOrder
 
     samples, _, _ = load_samples(
         corpus["train_path"], load_tokenizer(corpus["tokenizer_path"]), MAX_LEN, "truncate"
     )
-    counts = []
-    for rank in range(4):
-        sampler = GlobalBatchSampler(len(samples), GLOBAL_BATCH, 1, 4, rank, 0, shuffle=False)
-        counts.append(sum(len(samples[i].input_ids) for mb in sampler.micro_batches(0) for i in mb))
+    step = [
+        i for _, i in SampleOrder([len(samples)], [1.0], GLOBAL_BATCH, 0, False).global_batch(0)
+    ]
+    counts = [sum(len(samples[i].input_ids) for i in step[rank::4]) for rank in range(4)]
     assert max(counts) > 1.5 * min(counts), counts

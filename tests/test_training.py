@@ -100,19 +100,26 @@ def test_random_init_is_layout_independent(curves):
 
 
 def test_overlong_samples_are_counted_in_metrics(curves, corpus):
+    """Each row counts the over-long records among those its run has read so far."""
     from omniweave.data.loader import load_samples
+    from omniweave.data.order import SampleOrder
     from omniweave.data.processors import load_tokenizer
 
     tokenizer = load_tokenizer(corpus["tokenizer_path"])
-    _, counts, _ = load_samples(corpus["train_path"], tokenizer, 16, "truncate")
-    assert counts["truncated"] > 0
+    samples, _, _ = load_samples(corpus["train_path"], tokenizer, 10_000, "error")
+    overlong = [len(sample.input_ids) > 16 for sample in samples]
+    order = SampleOrder([len(samples)], [1.0], 4, seed=5)
 
     def rows(name):
         text = (curves["root"] / name / "metrics.jsonl").read_text()
         return [json.loads(line) for line in text.splitlines()]
 
+    def expected(row):
+        return sum(overlong[i] for step in range(row["step"]) for _, i in order.global_batch(step))
+
+    assert expected(rows("drop")[-1]) > 0
     for row in rows("drop"):
-        assert (row["samples_dropped"], row["samples_truncated"]) == (counts["truncated"], 0)
+        assert (row["samples_dropped"], row["samples_truncated"]) == (expected(row), 0)
     for row in rows("truncate"):  # packed under a 64-token budget
-        assert (row["samples_dropped"], row["samples_truncated"]) == (0, counts["truncated"])
+        assert (row["samples_dropped"], row["samples_truncated"]) == (0, expected(row))
         assert row["non_padding"] == 1.0

@@ -52,7 +52,8 @@ def register(subparsers) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    from omniweave.data.records import read_records, record_texts
+    from omniweave.data.records import record_texts
+    from omniweave.data.sources import read_records
     from omniweave.data.tokenizers import train_tokenizer
 
     records = read_records(args.input)

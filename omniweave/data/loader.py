@@ -1,21 +1,34 @@
-"""Distributed, resumable text batches: tokenized samples, global-batch sampling, padding.
+"""This rank's micro-batches, step after step, read and tokenized on demand.
 
-Sampling is a pure function of (seed, step): step k of epoch e takes the k-th
-global batch of the epoch's permutation, split across data-parallel ranks. So any
-layout with the same ``global_batch_size`` trains on the same samples per step,
-and resuming at step k needs no state but k.
+The records of step k are a pure function of (seed, k) and the sources (``SampleOrder``).
+With fixed micro-batches a rank reads only its share of them (every dp-th record); under a
+token budget every rank tokenizes the step's records to plan, splits them across ranks by
+token load, and collates only its own. ``StepBatches[k]`` is that step's work, so worker
+processes of a ``DataLoader`` prepare steps ahead of the trainer; resuming at step k needs
+nothing but k, on any number of data-parallel ranks.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing as mp
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from omniweave.data.packing import MicroBatch, budget_micro_batches, empty_batch, pack_row, pad_rows
+from omniweave.data.order import SampleOrder
+from omniweave.data.packing import (
+    MicroBatch,
+    balanced_micro_batches,
+    empty_batch,
+    pack_row,
+    pad_rows,
+)
 from omniweave.data.processors import IGNORE_INDEX, tokenize_multimodal, tokenize_record
-from omniweave.data.records import located_records
+from omniweave.data.sources import Sources, checked_record, index_sources, located_records
+
+COUNTS = ("truncated", "dropped_overlong", "no_labels", "skipped_bad")
 
 
 @dataclass
@@ -25,187 +38,263 @@ class Sample:
     media: dict[str, list[torch.Tensor]] | None = None  # per modality, in text order
 
 
+class SampleMaker:
+    """Record -> ``Sample`` under the over-long policy (truncate, drop, error); returns the
+    sample and what was done to it (None, or one of ``COUNTS``).
+
+    ``omni`` (an OmniModel's ``OmniParts``) enables media records; a multimodal sample is
+    truncated only where no placeholder is lost, else dropped.
+    """
+
+    def __init__(self, tokenizer, max_seq_len: int, on_overlong: str, omni=None):
+        self.tokenizer, self.max_seq_len, self.on_overlong = tokenizer, max_seq_len, on_overlong
+        self.omni = omni
+
+    def __call__(self, record: dict, base_dir: str) -> tuple[Sample | None, str | None]:
+        """ValueError (why, without the file) for a record that cannot be a sample."""
+        if record.get("media") and self.omni is None:
+            raise ValueError("has media but the model has no encoders (model.omni)")
+        if self.omni is not None:
+            tokens = tokenize_multimodal(record, self.tokenizer, self.omni, base_dir)
+        else:
+            tokens = tokenize_record(record, self.tokenizer, self.max_seq_len + 1)
+        media, limit, outcome = tokens.pop("media", None), self.max_seq_len, None
+        if len(tokens["input_ids"]) > limit:
+            if self.on_overlong == "error":
+                raise ValueError(
+                    f"longer than data.max_seq_len={limit} tokens; raise max_seq_len or set "
+                    "data.on_overlong to truncate or drop."
+                )
+            lost = self.omni is not None and any(
+                tokens["input_ids"][limit:].count(mark) for mark in self.omni.placeholders.values()
+            )
+            if self.on_overlong == "drop" or lost:
+                return None, "dropped_overlong"
+            tokens, outcome = {key: value[:limit] for key, value in tokens.items()}, "truncated"
+        if all(label == IGNORE_INDEX for label in tokens["labels"][1:]):
+            return None, "no_labels"
+        return Sample(tokens["input_ids"], tokens["labels"], media), outcome
+
+
 def load_samples(
     path: str, tokenizer, max_seq_len: int, on_overlong: str, omni=None, skip_bad: bool = False
 ) -> tuple[list[Sample], dict[str, int], list[str]]:
-    """Read and tokenize every record; apply the over-long policy (truncate, drop, error).
-
-    ``omni`` (an OmniModel's ``OmniParts``) enables media records; a
-    multimodal sample is truncated only where no placeholder is lost, else dropped.
-    ``skip_bad`` leaves out malformed records and unreadable media instead of failing.
-    Returns the samples, the counts of what was changed or left out (``truncated``,
-    ``dropped_overlong``, ``no_labels``: nothing left to learn from, ``skipped_bad``)
-    and the reason of each skip (file, line and why).
-    """
-    samples = []
+    """Read and tokenize every record of ``path`` at once (for tools and tests; training
+    streams). Returns the samples, the counts of ``COUNTS`` and the reason of each skip."""
+    make = SampleMaker(tokenizer, max_seq_len, on_overlong, omni)
     records, skipped = located_records(path, skip_bad)
-    base_dir = os.path.dirname(os.path.abspath(path))
-    counts = {"truncated": 0, "dropped_overlong": 0, "no_labels": 0}
-    for where, record in records:
+    samples, counts = [], dict.fromkeys(COUNTS, 0)
+    for file, where, record in records:
         try:
-            if record.get("media") and omni is None:
-                raise ValueError("has media but the model has no encoders (model.omni)")
-            if omni is not None:
-                tokens = tokenize_multimodal(record, tokenizer, omni, base_dir)
-            else:
-                tokens = tokenize_record(record, tokenizer, max_seq_len + 1)
+            sample, outcome = make(record, os.path.dirname(os.path.abspath(file)))
         except ValueError as error:
             if not skip_bad:
-                raise ValueError(f"{path}, {where}: {error}") from None
-            skipped.append(f"{path}, {where}: {error}")
+                raise ValueError(f"{file}, {where}: {error}") from None
+            skipped.append(f"{file}, {where}: {error}")
             continue
-        media = tokens.pop("media", None)
-        if len(tokens["input_ids"]) > max_seq_len:
-            if on_overlong == "error":
-                raise ValueError(
-                    f"{path}, {where}: longer than data.max_seq_len={max_seq_len} "
-                    "tokens; raise max_seq_len or set data.on_overlong to truncate or drop."
-                )
-            cut = {key: value[:max_seq_len] for key, value in tokens.items()}
-            lost = omni is not None and any(
-                tokens["input_ids"][max_seq_len:].count(mark) for mark in omni.placeholders.values()
-            )
-            if on_overlong == "drop" or lost:
-                counts["dropped_overlong"] += 1
-                continue
-            counts["truncated"] += 1
-            tokens = cut
-        if any(label != IGNORE_INDEX for label in tokens["labels"][1:]):
-            samples.append(Sample(tokens["input_ids"], tokens["labels"], media))
-        else:
-            counts["no_labels"] += 1
+        if outcome:
+            counts[outcome] += 1
+        if sample:
+            samples.append(sample)
     counts["skipped_bad"] = len(skipped)
     return samples, counts, skipped
 
 
-class GlobalBatchSampler:
-    """Sample indices per optimizer step: the global batch, and this rank's share of it."""
+@dataclass
+class StepData:
+    """One step's micro-batches for this rank, what happened to the records it accounts for
+    (every dp-th of the step), and why bad ones were skipped. ``error``: the one-line
+    message that must stop the run (the batches are then empty)."""
+
+    batches: list[MicroBatch]
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    skipped: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """``self[step]``: this rank's ``StepData`` of optimizer step ``step``, fixed micro-batches
+    or a token budget, padded or packed rows, each a multiple of ``multiple`` (the SP degree)
+    long."""
 
     def __init__(
         self,
-        num_samples: int,
-        global_batch_size: int,
-        micro_batch_size: int | None,
-        dp_size: int,
-        dp_rank: int,
-        seed: int,
-        shuffle: bool = True,
-    ):
-        if micro_batch_size is not None and global_batch_size % (micro_batch_size * dp_size):
-            per_step = micro_batch_size * dp_size
-            raise ValueError(
-                f"train.global_batch_size={global_batch_size} is not a multiple of "
-                f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}; "
-                f"use a multiple of {per_step}."
-            )
-        if num_samples < global_batch_size:
-            raise ValueError(
-                f"The data set has {num_samples} usable samples, fewer than one global batch "
-                f"(train.global_batch_size={global_batch_size}); lower the batch size or add data."
-            )
-        self.num_samples = num_samples
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_size, self.dp_rank = dp_size, dp_rank
-        self.seed, self.shuffle = seed, shuffle
-        self.steps_per_epoch = num_samples // global_batch_size
-
-    def global_batch(self, step: int) -> list[int]:
-        """Sample indices of optimizer step ``step`` over all ranks (the last partial batch of
-        an epoch is dropped)."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        start = index * self.global_batch_size
-        return order[start : start + self.global_batch_size]
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's share of step ``step`` in micro-batches of ``micro_batch_size``."""
-        mine = self.global_batch(step)[self.dp_rank :: self.dp_size]
-        size = self.micro_batch_size
-        return [mine[i : i + size] for i in range(0, len(mine), size)]
-
-
-class TrainBatches:
-    """This rank's micro-batches, step after step: fixed sample counts or a token budget,
-    padded or packed rows, each a multiple of ``multiple`` (the SP degree) long.
-
-    Its whole state is the next step: the shuffle order, buffer and split are pure
-    functions of (seed, step), so a restored state continues exactly, on any number
-    of data-parallel ranks.
-    """
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        sampler: GlobalBatchSampler,
+        sources: Sources,
+        order: SampleOrder,
+        make: SampleMaker,
+        dp: tuple[int, int],
         pad_id: int,
+        micro_batch_size: int | None = 1,
+        budget: tuple[int, str] | None = None,
         packing: bool = False,
-        max_tokens: int | None = None,
-        budget_counts: str = "tokens",
         multiple: int = 1,
+        skip_bad: bool = False,
+        attention_weight: float = 0.0,
     ):
-        self.samples, self.sampler, self.pad_id = samples, sampler, pad_id
-        self.packing, self.max_tokens, self.budget_counts = packing, max_tokens, budget_counts
-        self.multiple = multiple
-        self.step = 0
-
-    def __next__(self) -> list[MicroBatch]:
-        batches = self.micro_batches(self.step)
-        self.step += 1
-        return batches
-
-    def __iter__(self):
-        return self
-
-    def micro_batches(self, step: int) -> list[MicroBatch]:
-        if self.max_tokens is None:
-            plan = self.sampler.micro_batches(step)
-        else:
-            indices = self.sampler.global_batch(step)
-            costs = [self._cost(self.samples[i]) for i in indices]
-            plan = budget_micro_batches(
-                indices,
-                costs,
-                self.sampler.dp_size,
-                self.sampler.dp_rank,
-                self.max_tokens,
-                self.packing,
-            )
-        collate = pack_row if self.packing else pad_rows
-        return [
-            collate([self.samples[i] for i in part], self.pad_id, self.multiple)
-            if part
-            else empty_batch(self.pad_id, self.multiple)
-            for part in plan
-        ]
-
-    def _cost(self, sample: Sample) -> int:
-        if self.budget_counts == "labels":
-            return sum(label != IGNORE_INDEX for label in sample.labels[1:])
-        return len(sample.input_ids)
+        self.sources, self.order, self.make = sources, order, make
+        (self.dp_size, self.dp_rank), self.pad_id = dp, pad_id
+        self.micro_batch_size, self.budget, self.packing = micro_batch_size, budget, packing
+        self.multiple, self.skip_bad = multiple, skip_bad
+        self.attention_weight = attention_weight  # attention's work per token^2 vs dense's
 
     def state_dict(self) -> dict:
-        s = self.sampler
-        return {
-            "step": self.step,
-            "seed": s.seed,
-            "shuffle": s.shuffle,
-            "num_samples": s.num_samples,
-            "global_batch_size": s.global_batch_size,
-        }
+        """What the sample order depends on (the step is the trainer's)."""
+        o = self.order
+        if not hasattr(self, "_fingerprint"):  # reads each shard's ends: once
+            self._fingerprint = self.sources.fingerprint()
+        return {"seed": o.seed, "shuffle": o.shuffle, "global_batch_size": o.batch,
+                "sources": self._fingerprint}  # fmt: skip
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` left off; ValueError if it describes another sample order."""
+    def check_resume(self, saved: dict, allow_changed_sources: bool) -> None:
+        """ValueError when ``saved`` describes another sample order than this one."""
         mine = self.state_dict()
-        changed = [key for key in mine if key != "step" and state.get(key) != mine[key]]
+        if allow_changed_sources:
+            mine["sources"] = saved.get("sources")
+        changed = [key for key in mine if saved.get(key) != mine[key]]
+        if "sources" in changed:
+            raise ValueError(
+                "The training data changed since the checkpoint (a shard added, removed or "
+                "edited), so its sample order is not the saved run's; restore the data, or set "
+                "data.allow_changed_sources: true to resume on the new data."
+            )
         if changed:
-            details = ", ".join(f"{key}: {state.get(key)} -> {mine[key]}" for key in changed)
+            details = ", ".join(f"{key}: {saved.get(key)} -> {mine[key]}" for key in changed)
             raise ValueError(
                 f"The saved data-loader state follows another sample order ({details}); "
                 "resume with the same data, seed and train.global_batch_size."
             )
-        self.step = state["step"]
+
+    def __len__(self) -> int:
+        return 2**62  # an endless stream of steps
+
+    def __getitem__(self, step: int) -> StepData:
+        try:
+            return self._step(step)
+        except ValueError as error:  # a worker hands the message on, not a traceback
+            return StepData([], error=str(error))
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of ``step`` (ValueError on a bad record)."""
+        data = self[step]
+        if data.error:
+            raise ValueError(data.error)
+        return data.batches
+
+    def _step(self, step: int) -> StepData:
+        refs = self.order.global_batch(step)
+        data = StepData([])
+        if self.budget is None:
+            size = self.micro_batch_size
+            mine = list(range(self.dp_rank, len(refs), self.dp_size))
+            plan = [mine[i : i + size] for i in range(0, len(mine), size)]
+            samples = {i: self._sample(refs[i], i, data) for i in mine}
+        else:
+            samples = {i: self._sample(ref, i, data) for i, ref in enumerate(refs)}
+            kept = [i for i, sample in samples.items() if sample is not None]
+            lengths = [len(samples[i].input_ids) for i in kept]
+            costs = [self._cost(samples[i]) for i in kept]
+            work = [n + self.attention_weight * n * n for n in lengths]
+            plans = balanced_micro_batches(costs, work, self.dp_size, self.budget[0], self.packing)
+            plan = [[kept[i] for i in part] for part in plans[self.dp_rank]]
+        collate = pack_row if self.packing else pad_rows
+        for part in plan:
+            chosen = [samples[i] for i in part if samples[i] is not None]
+            batch = collate(chosen, self.pad_id, self.multiple) if chosen else None
+            data.batches.append(batch or empty_batch(self.pad_id, self.multiple))
+        return data
+
+    def _sample(self, ref: tuple[int, int], position: int, data: StepData) -> Sample | None:
+        """The sample of record ``ref``; what happened to it counts on one rank only."""
+        shard, index = self.sources.locate(*ref)
+        mine = position % self.dp_size == self.dp_rank
+        record, problem = checked_record(shard, index)
+        sample = outcome = None
+        if problem is None:
+            try:
+                sample, outcome = self.make(record, os.path.dirname(os.path.abspath(shard.path)))
+            except ValueError as error:
+                problem = str(error)
+        if problem:
+            where = f"{shard.path}, {shard.where(index)}: {problem}"
+            if not self.skip_bad:
+                raise ValueError(where)
+            outcome = "skipped_bad"
+            if mine:
+                data.skipped.append(where)
+        if outcome and mine:
+            data.counts[outcome] += 1
+        return sample
+
+    def _cost(self, sample: Sample) -> int:
+        if self.budget[1] == "labels":
+            return sum(label != IGNORE_INDEX for label in sample.labels[1:])
+        return len(sample.input_ids)
+
+
+def prefetched(batches: StepBatches, start: int, stop: int, workers: int, prefetch: int):
+    """``batches[step]`` for step in [start, stop), prepared by ``workers`` processes up to
+    ``prefetch`` steps ahead (in this process when ``workers`` is 0)."""
+    if workers == 0:
+        return (batches[step] for step in range(start, stop))
+    return iter(
+        torch.utils.data.DataLoader(
+            batches,
+            sampler=range(start, stop),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=workers,
+            prefetch_factor=math.ceil(prefetch / workers),
+            # fork: workers share the index and model parts without pickling them
+            multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+        )
+    )
+
+
+def _as_is(item):
+    return item
+
+
+def default_workers() -> int:
+    """Data workers per rank: the cores left after one per local rank, 1 to 4."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, (os.cpu_count() or 1) // local - 1))
+
+
+def build_step_batches(cfg, state, tokenizer, omni, attention_weight: float) -> StepBatches:
+    """The run's ``StepBatches`` from its config and ``ParallelState``: sources indexed (each
+    rank indexes its part, cached in ``output_dir/data_index``), the sample order, the plan."""
+    import torch.distributed as dist
+
+    d, t = cfg.data, cfg.train
+
+    def gather(problem):
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        return problems
+
+    specs = [(s["path"], float(s.get("weight", 1.0))) for s in d.sources or []]
+    sources = index_sources(
+        specs or [(d.train_path, 1.0)],
+        os.path.join(t.output_dir, "data_index"),
+        state.rank,
+        state.world_size,
+        gather if dist.is_initialized() else None,
+    )
+    order = SampleOrder(sources.sizes, sources.weights, t.global_batch_size, t.seed, d.shuffle)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id or 0
+    budget = d.max_tokens_per_microbatch
+    return StepBatches(
+        sources,
+        order,
+        SampleMaker(tokenizer, d.max_seq_len, d.on_overlong, omni),
+        (state.degrees.dp, state.dp_rank),
+        pad_id,
+        micro_batch_size=t.micro_batch_size,
+        budget=None if budget is None else (budget, d.budget_counts),
+        packing=d.packing,
+        multiple=state.degrees.sp,
+        skip_bad=d.on_bad_sample == "skip",
+        attention_weight=attention_weight,
+    )

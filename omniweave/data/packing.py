@@ -154,28 +154,26 @@ def first_fit(costs: list[int], budget: int, packed: bool) -> list[list[int]]:
     return bins
 
 
-def budget_micro_batches(
-    indices: list[int],
-    costs: list[int],
-    dp_size: int,
-    dp_rank: int,
-    budget: int,
-    packed: bool,
-) -> list[list[int]]:
-    """This rank's micro-batches of one global batch under a per-micro-batch token budget.
+def balanced_micro_batches(
+    costs: list[int], work: list[float], dp_size: int, budget: int, packed: bool
+) -> list[list[list[int]]]:
+    """Each data-parallel rank's micro-batches (lists of item positions) of one global batch
+    under a per-micro-batch token budget.
 
-    Every rank computes the same plan from the same global batch, so no
-    communication is needed: bins are dealt to the least-loaded rank, heaviest
-    first, at most ``ceil(bins / dp_size)`` each; a rank left short gets empty
-    micro-batches so all ranks run the same number of forward passes.
+    Items go to ranks first, heaviest ``work`` first, each to the least-loaded rank, so the
+    loads end within one item of equal; then each rank packs its items under ``budget``
+    (``costs``) and ranks with fewer micro-batches than the busiest get empty ones for the
+    difference. It is a pure function of its arguments, so every rank computes the same plan.
     """
-    bins = first_fit(costs, budget, packed)
-    per_rank = -(-len(bins) // dp_size)
-    ranks: list[list[list[int]]] = [[] for _ in range(dp_size)]
-    loads = [0] * dp_size
-    for b in sorted(bins, key=lambda b: -sum(costs[i] for i in b)):
-        rank = min((r for r in range(dp_size) if len(ranks[r]) < per_rank), key=loads.__getitem__)
-        ranks[rank].append([indices[i] for i in b])
-        loads[rank] += sum(costs[i] for i in b)
-    mine = ranks[dp_rank]
-    return mine + [[] for _ in range(per_rank - len(mine))]
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    loads = [0.0] * dp_size
+    for item in sorted(range(len(costs)), key=lambda i: -work[i]):
+        rank = loads.index(min(loads))
+        shares[rank].append(item)
+        loads[rank] += work[item]
+    plans = [
+        [[share[i] for i in part] for part in first_fit([costs[i] for i in share], budget, packed)]
+        for share in shares
+    ]
+    most = max(1, *(len(plan) for plan in plans))  # a step of dropped samples still runs
+    return [plan + [[] for _ in range(most - len(plan))] for plan in plans]

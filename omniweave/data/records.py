@@ -2,49 +2,14 @@
 carry ``"media": {modality: [paths]}``, the items at the ``<modality>`` markers of its
 text or message contents, in order.
 
-``read_records`` loads a whole ``.jsonl`` or ``.parquet`` file and validates every
-record, so that a bad sample fails up front with its file and line.
+Records are read from their files by ``omniweave.data.sources``; this module says what a
+valid one is.
 """
 
 import json
-import os
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-
-
-def read_records(path: str) -> list[dict]:
-    """Read and validate the records of a ``.jsonl`` or ``.parquet`` file."""
-    return [record for _, record in located_records(path)[0]]
-
-
-def located_records(path: str, skip_bad: bool = False) -> tuple[list[tuple[str, dict]], list[str]]:
-    """``("line N" | "row N", record)`` for each valid record, and, under ``skip_bad``, the
-    reasons of the records left out (otherwise the first bad one is a ValueError)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: file not found")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        rows = _read_jsonl(path)
-        where = "line"
-    elif ext == ".parquet":
-        rows = [(number, row, None) for number, row in enumerate(_read_parquet(path), start=1)]
-        where = "row"
-    else:
-        raise ValueError(f"{path}: unknown extension {ext!r} (expected .jsonl or .parquet)")
-    records, skipped = [], []
-    for number, record, problem in rows:
-        reason = problem or validate_record(record)
-        if reason and not skip_bad:
-            raise ValueError(f"{path}, {where} {number}: {reason}")
-        if reason:
-            skipped.append(f"{path}, {where} {number}: {reason}")
-        else:
-            records.append((f"{where} {number}", record))
-    if not records:
-        first = f" ({len(skipped)} bad, the first: {skipped[0]})" if skipped else ""
-        raise ValueError(f"{path}: no records{first}")
-    return records, skipped
 
 
 def validate_record(record: Any) -> str | None:
@@ -76,7 +41,10 @@ def validate_record(record: Any) -> str | None:
         if "prompt" in record:
             return "'prompt' goes with 'text'; in 'messages', the user turns are the prompt"
         return _validate_messages(messages)
-    return "needs a 'text' string or a 'messages' list"
+    return (
+        "needs a 'text' string or a 'messages' list (or alpaca's 'instruction'/'output', "
+        "ShareGPT's 'conversations')"
+    )
 
 
 def record_texts(record: dict) -> list[str]:
@@ -102,18 +70,7 @@ def _validate_messages(messages: Any) -> str | None:
     return None
 
 
-def _read_jsonl(path: str) -> list[tuple[int, Any, str | None]]:
-    """(line number, parsed object, why it could not be parsed) per line that is not blank:
-    a blank line holds JSON whitespace only, so one of any other character is malformed."""
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if raw.strip(b" \t\r\n"):
-                rows.append((number, *_parse_line(raw)))
-    return rows
-
-
-def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+def parse_line(raw: bytes) -> tuple[Any, str | None]:
     """The object of one JSONL line, or None and why it is not one."""
     try:
         line = raw.decode("utf-8")
@@ -130,13 +87,3 @@ def _parse_line(raw: bytes) -> tuple[Any, str | None]:
     except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, deep nesting
         return None, f"invalid JSON ({e})"
     return record, None
-
-
-def _read_parquet(path: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: cannot read parquet ({e})") from None

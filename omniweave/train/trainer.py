@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from omniweave.config import Config, save_config
-from omniweave.data.loader import GlobalBatchSampler, TrainBatches, load_samples
+from omniweave.data.loader import COUNTS, build_step_batches, default_workers, prefetched
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
@@ -86,36 +86,7 @@ class Trainer:
             modality: decoder.token_range
             for modality, decoder in (self.omni_parts.decoders if omni else {}).items()
         }
-        self.samples, self.sample_counts, self.skipped = load_samples(
-            cfg.data.train_path,
-            self.tokenizer,
-            cfg.data.max_seq_len,
-            cfg.data.on_overlong,
-            self.omni_parts,
-            cfg.data.on_bad_sample == "skip",
-        )
         t, d = cfg.train, cfg.data
-        sampler = GlobalBatchSampler(
-            len(self.samples),
-            t.global_batch_size,
-            t.micro_batch_size if d.max_tokens_per_microbatch is None else None,
-            degrees.dp,
-            self.state.dp_rank,
-            t.seed,
-            d.shuffle,
-        )
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id or 0
-        self.batches = TrainBatches(
-            self.samples,
-            sampler,
-            self.pad_id,
-            d.packing,
-            d.max_tokens_per_microbatch,
-            d.budget_counts,
-            multiple=degrees.sp,
-        )
         self.model = build_model(
             hf_config,
             self.state,
@@ -161,6 +132,11 @@ class Trainer:
             self.optimizer, t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio
         )
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
+        self.batches = build_step_batches(
+            cfg, self.state, self.tokenizer, self.omni_parts,
+            self.attention_flops / self.dense_flops,
+        )  # fmt: skip
+        self.sample_counts = dict.fromkeys(COUNTS, 0)  # this rank's share, since the start
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.tokens_seen, self.start_step = 0, 0
         self.stops = StopConditions(t.max_bad_steps, self.state.device)
@@ -184,7 +160,7 @@ class Trainer:
                 print(f"omniweave: warm start from the weights of {path}")
             return
         self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.load_state_dict(state["data"])
+        self.batches.check_resume(state["data"], self.cfg.data.allow_changed_sources)
         self.start_step, self.tokens_seen = state["step"], state["tokens"]
         self.stops.bad_steps = state["bad_steps"]
         if self.is_main:
@@ -201,10 +177,12 @@ class Trainer:
         }
         return self._checkpointer().save(step, state)
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step over this rank's micro-batches; returns global figures."""
+    def train_step(self, step: int, batches: list[MicroBatch] | None = None) -> dict:
+        """One optimizer step over this rank's micro-batches (prepared here unless given);
+        returns global figures."""
         device = self.state.device
-        batches = self.batches.micro_batches(step)
+        if batches is None:
+            batches = self.batches.micro_batches(step)
         lengths = [n for batch in batches for n in batch.lengths]
         counts = torch.tensor(
             [
@@ -229,7 +207,7 @@ class Trainer:
         # Gradients are averaged over all ranks (data- and sequence-parallel): scale so the
         # result is the sum of token losses over the global batch / its number of label tokens
         # (or / its samples, each token loss weighted by 1 / its sample's label tokens).
-        denominator = samples if by_sample else label_tokens
+        denominator = max(samples if by_sample else label_tokens, 1)  # 0: all samples dropped
         scale = self.state.degrees.dp * self.state.degrees.sp / denominator
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         # Each output modality's token-loss sum, then all tokens' (unweighted) for the text's.
@@ -355,19 +333,12 @@ class Trainer:
             os.makedirs(out, exist_ok=True)
             save_config(self.cfg, os.path.join(out, "config.yaml"))
             writer = MetricsWriter(out, self.cfg.log.tensorboard, self.start_step)
+            sources = self.batches.sources
             print(
-                f"omniweave: {self.state.describe()}; {len(self.samples)} samples; "
+                f"omniweave: {self.state.describe()}; {sum(sources.sizes):,} records in "
+                f"{sum(map(len, sources.shards))} shard(s); "
                 f"{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters"
             )
-            changed = ", ".join(f"{n} {what}" for what, n in self.sample_counts.items() if n)
-            if changed:
-                print(
-                    f"omniweave: samples {changed} (data.max_seq_len={self.cfg.data.max_seq_len})"
-                )
-            for reason in self.skipped[:5]:
-                print(f"  skipped: {reason}")
-            if len(self.skipped) > 5:
-                print(f"  ... and {len(self.skipped) - 5} more skipped samples")
         bar = tqdm(
             initial=self.start_step,
             total=t.max_steps,
@@ -378,12 +349,17 @@ class Trainer:
         )
         rows = []
         stop = None
+        d = self.cfg.data
+        workers = default_workers() if d.num_workers is None else d.num_workers
+        steps = prefetched(self.batches, self.start_step, t.max_steps, workers, d.prefetch)
         with self.stops:
             for step in range(self.start_step, t.max_steps):
-                stop = self._step(step, bar, rows, writer)
+                stop = self._step(step, steps, bar, rows, writer)
                 if stop:
                     break
+        del steps  # stops the data workers
         bar.close()
+        self._report_samples()
         if self.checkpointer:
             self.checkpointer.finish()
         if stop:
@@ -412,12 +388,18 @@ class Trainer:
                 print(f"  Hugging Face export: {hf}")
         return rows
 
-    def _step(self, step: int, bar, rows: list, writer):
-        """Train, log and checkpoint one step; a TrainingStopped when the run must stop."""
+    def _step(self, step: int, steps, bar, rows: list, writer):
+        """Train, log and checkpoint one step (its data from ``steps``); a TrainingStopped when
+        the run must stop."""
         t, every = self.cfg.train, self.cfg.checkpoint.every_steps
         start = time.perf_counter()
+        data = next(steps)
+        data_wait = time.perf_counter() - start
+        if data.error:
+            raise ValueError(data.error)
+        self._note_samples(data)
         try:
-            result = self.train_step(step)
+            result = self.train_step(step, data.batches)
         except RuntimeError as error:
             stopped = timeout_stop(error, self.state.rank, self.cfg.parallel.timeout_s, step + 1)
             if stopped is None:
@@ -440,10 +422,8 @@ class Trainer:
                 "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
                 "peak_mem_gb": self._peak_memory(),
                 "non_padding": result["non_padding"],
-                "samples_truncated": self.sample_counts["truncated"],
-                "samples_dropped": self.sample_counts["dropped_overlong"],
-                "samples_skipped_bad": self.sample_counts["skipped_bad"],
-                "samples_no_labels": self.sample_counts["no_labels"],
+                "data_wait_s": data_wait,
+                **self._samples_so_far(),
                 "skipped_steps": self.stops.bad_steps,
             }
             row.update(
@@ -462,6 +442,36 @@ class Trainer:
             code, why = stop
             return TrainingStopped(f"{why} Checkpoint of step {step + 1}: {saved}", code)
         return None
+
+    def _note_samples(self, data) -> None:
+        """Count what happened to this rank's records of a step; list skipped ones in
+        ``output_dir/skipped_samples.txt`` (and the first few on the console)."""
+        for key, count in data.counts.items():
+            self.sample_counts[key] += count
+        if not data.skipped:
+            return
+        os.makedirs(self.cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(self.cfg.train.output_dir, "skipped_samples.txt"), "a") as f:
+            f.write("".join(f"{reason}\n" for reason in data.skipped))
+        shown = self.sample_counts["skipped_bad"] - len(data.skipped)
+        for reason in data.skipped[: max(0, 5 - shown)]:
+            tqdm.write(f"omniweave: skipped {reason}")
+
+    def _samples_so_far(self) -> dict[str, int]:
+        """The records truncated, dropped, skipped and without labels so far, over all ranks."""
+        counts = torch.tensor([self.sample_counts[key] for key in COUNTS], device=self.state.device)
+        dist.all_reduce(counts, group=self.state.dp_mesh.get_group())
+        names = ("samples_truncated", "samples_dropped", "samples_no_labels", "samples_skipped_bad")
+        return dict(zip(names, counts.tolist(), strict=True))
+
+    def _report_samples(self) -> None:
+        changed = {key: n for key, n in self._samples_so_far().items() if n}
+        if self.is_main and changed:
+            listed = ", ".join(f"{n} {key.removeprefix('samples_')}" for key, n in changed.items())
+            print(f"omniweave: samples {listed} (data.max_seq_len={self.cfg.data.max_seq_len})")
+            if changed.get("samples_skipped_bad"):
+                where = os.path.join(self.cfg.train.output_dir, "skipped_samples.txt")
+                print(f"  skipped samples and why: {where}")
 
     def _measured_peak_flops(self) -> float:
         """Rank 0 measures (cached) while the others wait, so they don't compete for cores."""
