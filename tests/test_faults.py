@@ -178,9 +178,9 @@ def _poisoned_run(args: list[str], poisoned: set[int]) -> tuple[str | None, dict
     trainer = Trainer(load_config(None, args))
     token_loss, train_step, current = trainer._token_loss, trainer.train_step, [0]
 
-    def step(index: int) -> dict:
+    def step(index: int, batches=None) -> dict:
         current[0] = index
-        return train_step(index)
+        return train_step(index, batches)
 
     def loss(batch):
         losses, targets, router_logits = token_loss(batch)
@@ -233,10 +233,10 @@ from omniweave.cli import main
 from omniweave.train.trainer import Trainer
 
 train_step = Trainer.train_step
-def stalls(self, step):
+def stalls(self, step, batches=None):
     if step == 1 and self.state.rank == 1:
         time.sleep(3 * self.cfg.parallel.timeout_s)  # rank 0 waits in step 2's first collective
-    return train_step(self, step)
+    return train_step(self, step, batches)
 Trainer.train_step = stalls
 sys.exit(main(["train", *sys.argv[1:]]))
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "omniweave", "peak_flops.json")
+CPU_GEMM_SIZES = (512, 2048)  # small ones fit in cache; take the faster
 
 
 def flops_per_token(model: nn.Module, config) -> tuple[float, float]:
@@ -29,45 +31,74 @@ def flops_per_token(model: nn.Module, config) -> tuple[float, float]:
     return 6.0 * params, 12.0 * config.num_hidden_layers * heads * head_dim
 
 
-def device_peak_flops(device: torch.device, local_world_size: int) -> float:
-    """Peak FLOP/s one process can count on: its GPU, or its share of the machine's CPU cores."""
+def device_peak_flops(device: torch.device, local_world_size: int, refresh: bool = False) -> float:
+    """Peak FLOP/s one process can count on: its GPU, or its share of the machine's CPU cores.
+    ``refresh`` measures again, overwriting the cached figure."""
     if device.type == "cuda":
-        return measure_peak_flops(device)
+        return measure_peak_flops(device, refresh)
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return measure_peak_flops(device) / local_world_size
+        return measure_peak_flops(device, refresh) / local_world_size
     finally:
         torch.set_num_threads(threads)
 
 
-def measure_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square GEMM on this device (fp32 on CPU, bf16 on GPU), cached."""
-    threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{threads}threads"
+def implausible_mfu(mfu: float) -> bool:
+    """An MFU above 1.0 means the peak figure is too low: measure it again (``refresh``)."""
+    return mfu > 1.0
+
+
+def measure_peak_flops(device: torch.device, refresh: bool = False) -> float:
+    """Best GEMM FLOP/s on this device (fp32 on CPU, bf16 on GPU), cached per
+    :func:`peak_cache_key` unless ``refresh``."""
+    key = peak_cache_key(device)
     cache = {}
     if os.path.isfile(CACHE):
         with open(CACHE) as f:
             cache = json.load(f)
-    if name in cache:
-        return cache[name]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        size = 8192
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.mm(a, b)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    _sync(device)
-    peak = 2 * size**3 * repeats / (time.perf_counter() - start)
-    cache[name] = peak
+    if key in cache and not refresh:
+        return cache[key]
+    sizes = (8192,) if device.type == "cuda" else CPU_GEMM_SIZES
+    cache[key] = max(gemm_flops(device, size) for size in sizes)
     os.makedirs(os.path.dirname(CACHE), exist_ok=True)
     with open(CACHE, "w") as f:
         json.dump(cache, f, indent=1)
-    return peak
+    return cache[key]
+
+
+def peak_cache_key(device: torch.device) -> str:
+    """The GPU's or CPU's model name, the CPU thread count and the torch version."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gemm_flops(device: torch.device, size: int, warmup: int = 2, repeats: int = 8) -> float:
+    """Best FLOP/s of ``repeats`` square GEMMs, each timed alone, after ``warmup`` untimed."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = []
+    for _ in range(warmup + repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / min(seconds[warmup:])
 
 
 def _sync(device: torch.device) -> None:
