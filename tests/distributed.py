@@ -69,7 +69,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300.0
             except queue.Empty:
                 raise AssertionError(f"distributed run timed out after {timeout}s") from None
             if not ok:
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                raise AssertionError(_first_cause(rank, value, results))
             gathered[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for process in processes:
@@ -77,3 +77,22 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300.0
             if process.is_alive():
                 process.kill()
     return [gathered[rank] for rank in range(world_size)]
+
+
+def _first_cause(rank: int, error: str, results) -> str:
+    """The failure to report: a rank whose peer closed the connection usually only saw
+    another rank's failure, so a rank's own error, reported a moment later, goes first."""
+    failures = {rank: error}
+    deadline = time.monotonic() + 10
+    while "Connection closed by peer" in error and time.monotonic() < deadline:
+        try:
+            other, ok, value = results.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if not ok:
+            failures[other] = value
+            if "Connection closed by peer" not in value:
+                rank, error = other, value
+    others = ", ".join(str(r) for r in sorted(failures) if r != rank)
+    also = f" (rank(s) {others} failed too)" if others else ""
+    return f"rank {rank} failed{also}:\n{error}"

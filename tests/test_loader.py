@@ -110,8 +110,8 @@ def test_a_bad_record_in_a_worker_is_one_line(corpus, tmp_path):
     batches = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), micro_batch_size=8)
     errors = [data.error for data in prefetched(batches, 0, 8, workers=1, prefetch=2)]
     failing = [error for error in errors if error]
-    assert failing and all(error == f"{bad}, line 6: 'text' must be a string, got int"
-                           for error in failing)  # fmt: skip
+    message = f"{bad}, line 6: 'text' must be a string, got int"
+    assert failing and all(error == message for error in failing)
     skipping = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), skip_bad=True)
     skipped = [reason for data in prefetched(skipping, 0, 8, 1, 2) for reason in data.skipped]
     assert skipped == [f"{bad}, line 6: 'text' must be a string, got int"]

@@ -197,8 +197,9 @@ def test_missing_media_file_names_file_and_record(omni_data, tmp_path):
     text[2] = json.dumps({"text": "<image> gone", "media": {"image": ["missing.png"]}})
     bad.write_text("\n".join(text) + "\n")
     data = {**omni_data, "train_path": str(bad)}
+    trainer = Trainer(load_config(None, _args(data, str(tmp_path / "out"))))
     with pytest.raises(ValueError, match=r"bad.jsonl, line 3: .*missing.png: cannot read"):
-        Trainer(load_config(None, _args(data, str(tmp_path / "out"))))
+        trainer.run()  # the step that reads line 3 stops the run
 
 
 def test_bad_samples_are_skipped_and_counted_when_asked(omni_data, tmp_path):
@@ -213,7 +214,10 @@ def test_bad_samples_are_skipped_and_counted_when_asked(omni_data, tmp_path):
     args = _args(data, str(out), **{"data.on_bad_sample": "skip", "train.max_steps": 2})
     run_distributed(_train_runs, 1, [("skip", args)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["samples_skipped_bad"] for row in rows] == [3, 3]
+    read = [4, 8]  # records read by the end of steps 1 and 2, in file order (no shuffle)
+    assert [row["samples_skipped_bad"] for row in rows] == [
+        sum(line < n for line in (1, 4, 6)) for n in read
+    ]
 
 
 def _generate(data: dict, out: str) -> list:

@@ -79,8 +79,10 @@ def sources(corpus, tmp_path_factory) -> dict[str, dict]:
 
 def test_every_source_kind_trains_alike_at_1_and_2_processes(corpus, sources, tmp_path):
     runs = {
-        procs: [_args(corpus, data, str(tmp_path / f"{procs}-{name.replace(' ', '_')}"))
-                for name, data in sources.items()]  # fmt: skip
+        procs: [
+            _args(corpus, data, str(tmp_path / f"{procs}-{name.replace(' ', '_')}"))
+            for name, data in sources.items()
+        ]
         for procs in (1, 2)
     }
     one = run_distributed(_train, 1, runs[1])[0]

@@ -142,8 +142,12 @@ class StepBatches(torch.utils.data.Dataset):
         o = self.order
         if not hasattr(self, "_fingerprint"):  # reads each shard's ends: once
             self._fingerprint = self.sources.fingerprint()
-        return {"seed": o.seed, "shuffle": o.shuffle, "global_batch_size": o.batch,
-                "sources": self._fingerprint}  # fmt: skip
+        return {
+            "seed": o.seed,
+            "shuffle": o.shuffle,
+            "global_batch_size": o.batch,
+            "sources": self._fingerprint,
+        }
 
     def check_resume(self, saved: dict, allow_changed_sources: bool) -> None:
         """ValueError when ``saved`` describes another sample order than this one."""

@@ -133,9 +133,12 @@ class Trainer:
         )
         self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
         self.batches = build_step_batches(
-            cfg, self.state, self.tokenizer, self.omni_parts,
+            cfg,
+            self.state,
+            self.tokenizer,
+            self.omni_parts,
             self.attention_flops / self.dense_flops,
-        )  # fmt: skip
+        )
         self.sample_counts = dict.fromkeys(COUNTS, 0)  # this rank's share, since the start
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
         self.tokens_seen, self.start_step = 0, 0
