@@ -23,7 +23,10 @@ import numpy as np
 from omniweave.data.formats import detect_format
 from omniweave.data.records import parse_line
 
-WHITESPACE = np.frombuffer(b" \t\r\n", np.uint8)
+SOLID = np.ones(256, dtype=bool)  # bytes other than JSON whitespace
+SOLID[list(b" \t\r\n")] = False
+# Small buffers: a random read decompresses from its seek point (256 KiB apart), not more.
+GZIP_BUFFERS = {"readbuf_size": 1 << 16, "buffer_size": 1 << 16}
 FORMAT_PROBE = 100  # records read to find a file's format
 WHITESPACE_RE = re.compile(r"[ \t\r\n]*")
 
@@ -138,7 +141,7 @@ def _open_text(path: str, gz_index: str | None):
         return open(path, "rb")  # noqa: SIM115 - kept open for the shard's life
     import indexed_gzip
 
-    handle = indexed_gzip.IndexedGzipFile(path)
+    handle = indexed_gzip.IndexedGzipFile(path, **GZIP_BUFFERS)
     handle.import_index(gz_index)
     return handle
 
@@ -206,7 +209,7 @@ def _cached_text_index(path: str, kind: str, cache_dir: str) -> Shard:
 
         with gzip.open(path, "rb") as handle:  # raises EOFError where the stream is cut
             spans, dense = _line_spans(handle)
-        with indexed_gzip.IndexedGzipFile(path, spacing=1 << 20) as handle:
+        with indexed_gzip.IndexedGzipFile(path, spacing=1 << 18, **GZIP_BUFFERS) as handle:
             handle.build_full_index()
             handle.export_index(gz_index + ".tmp")
         os.replace(gz_index + ".tmp", gz_index)
@@ -225,10 +228,11 @@ def _line_spans(stream) -> tuple[np.ndarray, bool]:
     """Byte spans of the lines holding more than whitespace, and whether there were no others."""
     starts, ends = [], []
     offset, line_start, solid_before, blank = 0, 0, False, False
-    while chunk := stream.read(1 << 24):
+    while chunk := stream.read(1 << 22):
         data = np.frombuffer(chunk, np.uint8)
         newlines = np.flatnonzero(data == 10)
-        solid = np.concatenate([[0], np.cumsum(~np.isin(data, WHITESPACE))])
+        solid = np.zeros(len(data) + 1, dtype=np.int32)
+        np.cumsum(SOLID[data], out=solid[1:])
         bounds = np.concatenate([[0], newlines + 1])
         has = solid[newlines] - solid[bounds[:-1]] > 0
         line_starts = bounds[:-1] + offset
