@@ -18,7 +18,7 @@ def measured(tmp_path, monkeypatch):
     """Peak measurements counted (each returns a new figure) and cached under tmp_path."""
     calls = []
 
-    def fake_gemm_flops(device, size):
+    def fake_gemm_flops(device, size, repeats):
         calls.append((size, torch.get_num_threads()))
         return 1e9 * len(calls)
 
@@ -40,7 +40,7 @@ def test_measures_with_all_cpu_threads_and_shares_per_process(measured):
     peak = metrics.device_peak_flops(CPU, local_world_size=2)
     assert {threads for _, threads in measured} == {os.cpu_count()}
     assert torch.get_num_threads() == 1  # conftest's setting restored
-    assert {size for size, _ in measured} == set(metrics.CPU_GEMM_SIZES)
+    assert {size for size, _ in measured} == set(metrics.CPU_GEMM_REPEATS)
     assert peak == 1e9 * len(measured) / 2  # the best size, halved for 2 processes
 
 
@@ -52,7 +52,7 @@ def test_cache_key_holds_cpu_model_threads_and_torch(measured):
     assert f"{os.cpu_count()} threads" in key
     assert cached == peak
     assert metrics.device_peak_flops(CPU, 1) == peak  # cached: not measured again
-    assert len(measured) == len(metrics.CPU_GEMM_SIZES)
+    assert len(measured) == len(metrics.CPU_GEMM_REPEATS)
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="no /proc/cpuinfo")

@@ -124,7 +124,7 @@ class StepBatches(torch.utils.data.Dataset):
         make: SampleMaker,
         dp: tuple[int, int],
         pad_id: int,
-        micro_batch_size: int | None = 1,
+        micro_batch_size: int = 1,
         budget: tuple[int, str] | None = None,
         packing: bool = False,
         multiple: int = 1,
@@ -136,17 +136,16 @@ class StepBatches(torch.utils.data.Dataset):
         self.micro_batch_size, self.budget, self.packing = micro_batch_size, budget, packing
         self.multiple, self.skip_bad = multiple, skip_bad
         self.attention_weight = attention_weight  # attention's work per token^2 vs dense's
+        self.fingerprint = sources.fingerprint()  # what the shards held at start
 
     def state_dict(self) -> dict:
         """What the sample order depends on (the step is the trainer's)."""
         o = self.order
-        if not hasattr(self, "_fingerprint"):  # reads each shard's ends: once
-            self._fingerprint = self.sources.fingerprint()
         return {
             "seed": o.seed,
             "shuffle": o.shuffle,
             "global_batch_size": o.batch,
-            "sources": self._fingerprint,
+            "sources": self.fingerprint,
         }
 
     def check_resume(self, saved: dict, allow_changed_sources: bool) -> None:

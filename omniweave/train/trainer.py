@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from omniweave.config import Config, save_config
-from omniweave.data.loader import COUNTS, build_step_batches, default_workers, prefetched
+from omniweave.data.loader import build_step_batches, default_workers, prefetched
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
@@ -47,10 +47,12 @@ from omniweave.train.metrics import (
     MetricsWriter,
     device_peak_flops,
     flops_per_token,
+    implausible_mfu,
     peak_memory_gb,
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from omniweave.train.router import RouterLoss, is_moe
+from omniweave.train.sample_log import SampleLog
 
 
 class Trainer:
@@ -139,8 +141,10 @@ class Trainer:
             self.omni_parts,
             self.attention_flops / self.dense_flops,
         )
-        self.sample_counts = dict.fromkeys(COUNTS, 0)  # this rank's share, since the start
+        group = self.state.dp_mesh.get_group()
+        self.sample_log = SampleLog(t.output_dir, group, self.state.device, self.is_main)
         self.peak_flops = t.peak_flops or self._measured_peak_flops()
+        self.peak_remeasured = False
         self.tokens_seen, self.start_step = 0, 0
         self.stops = StopConditions(t.max_bad_steps, self.state.device)
         self.checkpointer = None
@@ -362,7 +366,7 @@ class Trainer:
                     break
         del steps  # stops the data workers
         bar.close()
-        self._report_samples()
+        self.sample_log.report(self.cfg.data.max_seq_len)
         if self.checkpointer:
             self.checkpointer.finish()
         if stop:
@@ -400,7 +404,7 @@ class Trainer:
         data_wait = time.perf_counter() - start
         if data.error:
             raise ValueError(data.error)
-        self._note_samples(data)
+        self.sample_log.note(data)
         try:
             result = self.train_step(step, data.batches)
         except RuntimeError as error:
@@ -415,6 +419,7 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+            peak_mem, slowest = self._max_over_ranks(peak_memory_gb(self.state.device), elapsed)
             row = {
                 "step": step + 1,
                 "loss": result["loss"],
@@ -422,11 +427,11 @@ class Trainer:
                 "lr": result["lr"],
                 "tokens": self.tokens_seen,
                 "tokens_per_s": tokens_per_s,
-                "mfu": result["flops"] / elapsed / (self.peak_flops * self.state.world_size),
-                "peak_mem_gb": self._peak_memory(),
+                "mfu": self._mfu(result["flops"], slowest),
+                "peak_mem_gb": peak_mem,
                 "non_padding": result["non_padding"],
                 "data_wait_s": data_wait,
-                **self._samples_so_far(),
+                **self.sample_log.so_far(),
                 "skipped_steps": self.stops.bad_steps,
             }
             row.update(
@@ -446,50 +451,29 @@ class Trainer:
             return TrainingStopped(f"{why} Checkpoint of step {step + 1}: {saved}", code)
         return None
 
-    def _note_samples(self, data) -> None:
-        """Count what happened to this rank's records of a step; list skipped ones in
-        ``output_dir/skipped_samples.txt`` (and the first few on the console)."""
-        for key, count in data.counts.items():
-            self.sample_counts[key] += count
-        if not data.skipped:
-            return
-        os.makedirs(self.cfg.train.output_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.train.output_dir, "skipped_samples.txt"), "a") as f:
-            f.write("".join(f"{reason}\n" for reason in data.skipped))
-        shown = self.sample_counts["skipped_bad"] - len(data.skipped)
-        for reason in data.skipped[: max(0, 5 - shown)]:
-            tqdm.write(f"omniweave: skipped {reason}")
-
-    def _samples_so_far(self) -> dict[str, int]:
-        """The records truncated, dropped, skipped and without labels so far, over all ranks."""
-        counts = torch.tensor([self.sample_counts[key] for key in COUNTS], device=self.state.device)
-        dist.all_reduce(counts, group=self.state.dp_mesh.get_group())
-        names = ("samples_truncated", "samples_dropped", "samples_no_labels", "samples_skipped_bad")
-        return dict(zip(names, counts.tolist(), strict=True))
-
-    def _report_samples(self) -> None:
-        changed = {key: n for key, n in self._samples_so_far().items() if n}
-        if self.is_main and changed:
-            listed = ", ".join(f"{n} {key.removeprefix('samples_')}" for key, n in changed.items())
-            print(f"omniweave: samples {listed} (data.max_seq_len={self.cfg.data.max_seq_len})")
-            if changed.get("samples_skipped_bad"):
-                where = os.path.join(self.cfg.train.output_dir, "skipped_samples.txt")
-                print(f"  skipped samples and why: {where}")
-
-    def _measured_peak_flops(self) -> float:
+    def _measured_peak_flops(self, refresh: bool = False) -> float:
         """Rank 0 measures (cached) while the others wait, so they don't compete for cores."""
         peak = torch.zeros((), dtype=torch.float64, device=self.state.device)
         if self.is_main:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            peak.fill_(device_peak_flops(self.state.device, local_world))
+            peak.fill_(device_peak_flops(self.state.device, local_world, refresh))
         dist.broadcast(peak, src=0)
         return float(peak)
 
-    def _peak_memory(self) -> float:
-        """Largest per-process peak memory over all ranks, in GB."""
-        peak = torch.tensor(peak_memory_gb(self.state.device), device=self.state.device)
+    def _mfu(self, flops: float, seconds: float) -> float:
+        """Model FLOPs utilisation of a step; a measured peak it exceeds is measured again,
+        once (the cached figure was taken on a busy machine)."""
+        mfu = flops / seconds / (self.peak_flops * self.state.world_size)
+        if implausible_mfu(mfu) and not (self.cfg.train.peak_flops or self.peak_remeasured):
+            self.peak_flops, self.peak_remeasured = self._measured_peak_flops(refresh=True), True
+            mfu = flops / seconds / (self.peak_flops * self.state.world_size)
+        return mfu
+
+    def _max_over_ranks(self, *values: float) -> list[float]:
+        """Each value's largest over all ranks (peak memory, step time)."""
+        peak = torch.tensor(values, dtype=torch.float64, device=self.state.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return float(peak)
+        return peak.tolist()
 
 
 def quiet_this_rank() -> None:
