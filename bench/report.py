@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -68,19 +69,35 @@ def run(script: list[str]) -> tuple[str, float]:
     return result.stdout.strip(), seconds
 
 
+def _kept_sections(path: str) -> dict[str, str]:
+    """The sections of an earlier report, by benchmark name (``--only`` replaces just its own)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        text = f.read()
+    dated = re.search(r"measured on this machine, (\d{4}-\d\d-\d\d)", text)  # older reports
+    sections = {}
+    for part in text.split("\n## ")[1:]:
+        if dated:  # "`command` (48 s)" -> "`command` (48 s, date)"
+            part = re.sub(r"^(`[^`]*` \(\d+ s)\)", rf"\1, {dated[1]})", part, flags=re.M)
+        sections[part.split(":", 1)[0]] = "## " + part.strip()
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[name for name, _, _ in BENCHMARKS])
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = parser.parse_args()
     chosen = [b for b in BENCHMARKS if not args.only or b[0] in args.only]
-    sections = []
+    sections = _kept_sections(args.out) if args.only else {}
     for name, script, question in chosen:
         print(f"bench: {name} ({question}) ...", flush=True)
         output, seconds = run(script)
         command = " ".join([".venv/bin/python", f"bench/{script[0]}", *script[1:]])
-        sections.append(
-            f"## {name}: {question}\n\n`{command}` ({seconds:.0f} s)\n\n"
+        sections[name] = (
+            f"## {name}: {question}\n\n`{command}` ({seconds:.0f} s, {time.strftime('%Y-%m-%d')})"
+            "\n\n"
             + "\n".join(line for line in output.splitlines() if not line.startswith("loss curves:"))
         )
     plots = os.path.join(os.path.dirname(args.out), "benchmarks")
@@ -88,11 +105,11 @@ def main() -> None:
     if os.path.isfile(curve) and any(name == "hf_trainer" for name, _, _ in chosen):
         os.makedirs(plots, exist_ok=True)
         shutil.copy(curve, os.path.join(plots, "hf_trainer_loss.png"))
-        sections[0] += "\n\n![loss curves](benchmarks/hf_trainer_loss.png)"
+        sections["hf_trainer"] += "\n\n![loss curves](benchmarks/hf_trainer_loss.png)"
     text = (
         "# Benchmarks\n\nWritten by `omniweave bench` (`bench/report.py`); figures as measured "
-        f"on this machine, {time.strftime('%Y-%m-%d')}.\n\nMachine: {machine()}.\n\n"
-        + "\n\n".join(sections)
+        f"on this machine (each section gives its date).\n\nMachine: {machine()}.\n\n"
+        + "\n\n".join(sections[name] for name, _, _ in BENCHMARKS if name in sections)
         + "\n"
     )
     with open(args.out, "w") as f:
