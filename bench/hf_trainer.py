@@ -26,15 +26,11 @@ import tempfile
 import time
 
 import torch
+from launch import DATA, HF_OPTIMIZER, MAX_LEN, MODEL, ROOT, TOKENIZER
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DATA, TOKENIZER = (os.path.join(ROOT, ".data", n) for n in ("fortunes.jsonl", "tokenizer"))
-MODEL = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=4)
-MODEL |= dict(num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
-MODEL |= dict(max_position_embeddings=1024, tie_word_embeddings=True)
-MAX_LEN, BUDGET = 512, 2048
+BUDGET = 2048
 
 
 def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
@@ -129,12 +125,7 @@ def hf_run(model_dir: str, out: str, samples, order, batch: int) -> tuple[list, 
         output_dir=out,
         per_device_train_batch_size=batch,
         max_steps=len(order),
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
+        **HF_OPTIMIZER,
         logging_steps=1,
         save_strategy="no",
         report_to=[],

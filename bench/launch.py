@@ -18,7 +18,17 @@ DATA, TOKENIZER = (os.path.join(ROOT, ".data", n) for n in ("fortunes.jsonl", "t
 MODEL = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=4)
 MODEL |= dict(num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
 MODEL |= dict(max_position_embeddings=1024, tie_word_embeddings=True)
-MAX_LEN, BATCH = 512, 16  # data.max_seq_len and samples per step, unless a benchmark says
+MAX_LEN, BATCH = 512, 16
+# OmniWeave's optimizer settings in these benchmarks, as HF TrainingArguments (AdamW betas are
+# OmniWeave's defaults; the rest is set on its side by omniweave_settings).
+HF_OPTIMIZER = dict(
+    learning_rate=1e-3,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    max_grad_norm=1.0,
+)  # data.max_seq_len and samples per step, unless a benchmark says
 
 
 def save_model(path: str, **overrides) -> str:

@@ -44,6 +44,7 @@ import time
 from launch import (
     BATCH,
     DATA,
+    HF_OPTIMIZER,
     MAX_LEN,
     MODEL,
     ROOT,
@@ -152,12 +153,7 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int) -> None:
         output_dir=out,
         per_device_train_batch_size=BATCH // world,
         max_steps=steps,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
+        **HF_OPTIMIZER,
         ddp_find_unused_parameters=False,  # HF's default True costs a graph walk per step
         logging_steps=steps,
         save_strategy="no",

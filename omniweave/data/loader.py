@@ -26,7 +26,13 @@ from omniweave.data.packing import (
     pad_rows,
 )
 from omniweave.data.processors import IGNORE_INDEX, tokenize_multimodal, tokenize_record
-from omniweave.data.sources import Sources, checked_record, index_sources, located_records
+from omniweave.data.sources import (
+    Sources,
+    checked_record,
+    index_sources,
+    located_records,
+    source_specs,
+)
 
 COUNTS = ("truncated", "dropped_overlong", "no_labels", "skipped_bad")
 
@@ -275,9 +281,8 @@ def build_step_batches(cfg, state, tokenizer, omni, attention_weight: float) -> 
         dist.all_gather_object(problems, problem)
         return problems
 
-    specs = [(s["path"], float(s.get("weight", 1.0))) for s in d.sources or []]
     sources = index_sources(
-        specs or [(d.train_path, 1.0)],
+        source_specs(d),
         os.path.join(t.output_dir, "data_index"),
         state.rank,
         state.world_size,

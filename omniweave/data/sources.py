@@ -51,6 +51,28 @@ def source_files(path: str) -> list[str]:
     return sorted(found)
 
 
+def source_specs(data) -> list[tuple[str, float]]:
+    """(path, weight) of ``data.train_path`` or of each of ``data.sources`` (a DataConfig);
+    ValueError unless exactly one is set and every source is ``{path, weight}`` with a
+    positive weight."""
+    if (data.train_path is None) == (data.sources is None):
+        raise ValueError(
+            "set data.train_path (a file, directory or glob) or data.sources "
+            "([{path, weight}, ...]), not both and not neither."
+        )
+    if data.sources is None:
+        return [(data.train_path, 1.0)]
+    for i, source in enumerate(data.sources):
+        ok = isinstance(source, dict) and set(source) <= {"path", "weight"}
+        ok = ok and isinstance(source.get("path"), str)
+        weight = source.get("weight", 1.0) if ok else None
+        if not (ok and isinstance(weight, int | float) and weight > 0):
+            raise ValueError(
+                f"data.sources[{i}] must be {{path: str, weight: number > 0}}; got {source!r}"
+            )
+    return [(source["path"], float(source.get("weight", 1.0))) for source in data.sources]
+
+
 class Sources:
     """The shards of each weighted source; record ``index`` of a source is found by its shard."""
 

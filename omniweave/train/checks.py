@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from omniweave.config import Config
 from omniweave.data.processors import load_tokenizer
-from omniweave.data.sources import source_files
+from omniweave.data.sources import source_files, source_specs
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.ulysses import check_heads
@@ -49,7 +49,7 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
             "budget or lower max_seq_len."
         )
-    for path in source_paths(cfg.data):
+    for path, _ in source_specs(cfg.data):
         source_files(path)  # a missing or empty source fails here
     t = cfg.train
     if budget is None and t.global_batch_size % (t.micro_batch_size * degrees.dp):
@@ -60,24 +60,3 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
         )
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     return degrees, hf_config, tokenizer
-
-
-def source_paths(data) -> list[str]:
-    """The paths of ``data.train_path`` or ``data.sources``; ValueError unless exactly one is
-    set and every source is ``{path, weight}`` with a positive weight."""
-    if (data.train_path is None) == (data.sources is None):
-        raise ValueError(
-            "set data.train_path (a file, directory or glob) or data.sources "
-            "([{path, weight}, ...]), not both and not neither."
-        )
-    if data.sources is None:
-        return [data.train_path]
-    for i, source in enumerate(data.sources):
-        ok = isinstance(source, dict) and set(source) <= {"path", "weight"}
-        ok = ok and isinstance(source.get("path"), str)
-        weight = source.get("weight", 1.0) if ok else None
-        if not (ok and isinstance(weight, int | float) and weight > 0):
-            raise ValueError(
-                f"data.sources[{i}] must be {{path: str, weight: number > 0}}; got {source!r}"
-            )
-    return [source["path"] for source in data.sources]
