@@ -1,4 +1,4 @@
-"""``omniweave`` command line: train, eval, export, bench, data."""
+"""``omniweave`` command line: train, eval, export, checkpoint, bench, data."""
 
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Options are bench/report.py's: --only NAME ..., --out PATH.",
     )
     from omniweave.data.commands import register
+    from omniweave.train.checkpoint_command import register as register_checkpoint
     from omniweave.train.export_command import register as register_export
 
     register(commands)
     register_export(commands)
+    register_checkpoint(commands)
     return parser
 
 

@@ -5,7 +5,10 @@ by parameter name with global shapes, so any parallel layout can load them), ``t
 (step, token count, LR schedule, data-loader state; written by rank 0) and one
 ``rng_rank{R}.pt`` per rank. A save is written under ``step_N.tmp``; once every rank has
 finished, rank 0 renames it and only then points ``checkpoints/latest`` at it, so a crash
-during a save leaves the previous checkpoint and ``latest`` as they were.
+during a save leaves the previous checkpoint and ``latest`` as they were. Before the rename,
+``manifest.json`` records every file's size and CRC-32 (the ranks share the checksumming);
+resuming verifies it, and ``auto`` falls back from a damaged checkpoint to an older intact
+one, setting the damaged one aside as ``step_N.damaged``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from concurrent.futures import Future
 
@@ -27,7 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from omniweave.train.manifest import file_record, files_to_record, verify, write_manifest
+
 LATEST = "latest"
+STEP_FOLDER = re.compile(r"step_(\d{8})")
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -38,24 +45,80 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def resolve_resume(resume: str, output_dir: str) -> str | None:
-    """The checkpoint folder ``checkpoint.resume`` names: ``none`` -> None; ``auto`` -> the
-    run's ``latest`` (None before its first save); otherwise a checkpoint folder."""
-    if resume == "none":
+def saved_steps(output_dir: str) -> list[int]:
+    """Steps of the run's completed checkpoint folders (``step_N``), newest first."""
+    folder = checkpoints_dir(output_dir)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(m[1]) for n in names if (m := STEP_FOLDER.fullmatch(n))), reverse=True)
+
+
+def latest_step(output_dir: str) -> int | None:
+    """The step ``checkpoints/latest`` names, or None without one."""
+    pointer = os.path.join(checkpoints_dir(output_dir), LATEST)
+    if not os.path.isfile(pointer):
         return None
-    if resume == "auto":
-        pointer = os.path.join(checkpoints_dir(output_dir), LATEST)
-        if not os.path.isfile(pointer):
-            return None
-        with open(pointer) as f:
-            resume = os.path.join(checkpoints_dir(output_dir), f.read().strip())
-    missing = [f for f in ("trainer.json", ".metadata") if not os.path.isfile(f"{resume}/{f}")]
-    if missing:
+    with open(pointer) as f:
+        match = STEP_FOLDER.fullmatch(f.read().strip())
+    return int(match[1]) if match else None
+
+
+def choose_checkpoint(
+    resume: str, output_dir: str, checksums: bool = True
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """The checkpoint folder ``checkpoint.resume`` names, verified, and the damaged ones passed
+    over on the way (folder, what is wrong): ``none`` -> None; ``auto`` -> the newest intact
+    one at or before ``latest`` (None before the first save); otherwise that folder, which
+    must be intact."""
+    if resume == "none":
+        return None, []
+    if resume != "auto":
+        problem = verify(resume, checksums)
+        if problem:
+            raise ValueError(
+                f"checkpoint.resume: '{resume}' is damaged or incomplete ({problem}); "
+                "`omniweave checkpoint verify RUN` lists the intact ones, or use 'auto'."
+            )
+        return resume, []
+    newest = latest_step(output_dir)
+    steps = [s for s in saved_steps(output_dir) if newest is None or s <= newest]
+    damaged = []
+    for step in steps:
+        folder = os.path.join(checkpoints_dir(output_dir), step_name(step))
+        problem = verify(folder, checksums)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    if damaged:
+        newest, problem = damaged[0]
         raise ValueError(
-            f"checkpoint.resume: '{resume}' is not a complete OmniWeave checkpoint (no "
-            f"{' or '.join(missing)}); pass a checkpoints/step_* folder, 'auto' or 'none'."
+            f"no intact checkpoint in {checkpoints_dir(output_dir)}: all {len(damaged)} are "
+            f"damaged (the newest, {newest}: {problem}); set checkpoint.resume: none to start "
+            "afresh."
         )
-    return resume
+    return None, []
+
+
+def set_aside(damaged: list[tuple[str, str]], chosen: str) -> None:
+    """Rename damaged checkpoints to ``step_N.damaged`` (kept for a look, never resumed from
+    or counted by ``keep_last``) and point ``latest`` at the one chosen instead."""
+    for folder, _ in damaged:
+        shutil.rmtree(folder + ".damaged", ignore_errors=True)
+        os.replace(folder, folder + ".damaged")
+    if damaged:
+        _point_latest(os.path.dirname(chosen), os.path.basename(chosen))
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    """``choose_checkpoint``'s folder, checking sizes only (no checksums): quick, for the
+    launcher and for tools that read a checkpoint."""
+    return choose_checkpoint(resume, output_dir, checksums=False)[0]
+
+
+def _point_latest(folder: str, name: str) -> None:
+    pointer = os.path.join(folder, LATEST)
+    with open(pointer + ".tmp", "w") as f:
+        f.write(name + "\n")
+    os.replace(pointer + ".tmp", pointer)
 
 
 class Checkpointer:
@@ -70,7 +133,7 @@ class Checkpointer:
         keep_last: int,
         async_save: bool,
     ):
-        self.folder = checkpoints_dir(output_dir)
+        self.run, self.folder = output_dir, checkpoints_dir(output_dir)
         self.model, self.optimizer = model, optimizer
         self.keep_last, self.async_save = keep_last, async_save
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -108,28 +171,35 @@ class Checkpointer:
             self._complete(staging)
 
     def _complete(self, staging: str) -> None:
-        """Every rank has written ``staging``: rename it, move ``latest``, prune old ones."""
+        """Every rank has written ``staging``: checksum its files (each rank a share), write
+        the manifest, rename it, move ``latest``, prune old ones."""
         dist.barrier(group=self.group)
+        names = files_to_record(staging)[self.rank :: self.world_size]
+        records = {n: file_record(os.path.join(staging, n)) for n in names}
+        shares = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(records, shares, dst=0, group=self.group)
         if self.rank == 0:
+            write_manifest(staging, {k: v for share in shares for k, v in share.items()})
             final = staging.removesuffix(".tmp")
+            if os.path.isdir(final):  # written before a fallback to an older checkpoint
+                shutil.rmtree(final)
             os.replace(staging, final)
-            pointer = os.path.join(self.folder, LATEST)
-            with open(pointer + ".tmp", "w") as f:
-                f.write(os.path.basename(final) + "\n")
-            os.replace(pointer + ".tmp", pointer)
+            _point_latest(self.folder, os.path.basename(final))
             self._prune()
         dist.barrier(group=self.group)
 
     def _prune(self) -> None:
+        """Delete the checkpoints older than the ``keep_last`` newest intact ones (sizes
+        checked), so a damaged newer one never costs the last intact one."""
         if self.keep_last <= 0:
             return
-        saved = sorted(
-            name
-            for name in os.listdir(self.folder)
-            if name.startswith("step_") and not name.endswith(".tmp")
-        )
-        for name in saved[: -self.keep_last]:
-            shutil.rmtree(os.path.join(self.folder, name))
+        folders = {s: os.path.join(self.folder, step_name(s)) for s in saved_steps(self.run)}
+        intact = [s for s, folder in folders.items() if verify(folder, checksums=False) is None]
+        if len(intact) < self.keep_last:
+            return
+        for step, folder in folders.items():
+            if step < intact[self.keep_last - 1]:
+                shutil.rmtree(folder)
 
     def load(self, path: str) -> dict:
         """Load ``path`` into the model and optimizer (resharded to this layout); returns its

@@ -40,6 +40,7 @@ from omniweave.models.omni.model import OmniModel, import_plugins
 from omniweave.models.registry import model_class, model_from_config
 from omniweave.models.weights import gather_full_state
 from omniweave.train.checkpoint import LATEST, checkpoints_dir, resolve_resume, step_name
+from omniweave.train.manifest import record_folder
 
 INDEX = "omni_index.json"
 
@@ -219,6 +220,7 @@ def import_hf(source: str, out: str) -> str:
         json.dump(
             {"step": 0, "world_size": 1, "model_only": True, "source": os.path.abspath(source)}, f
         )
+    record_folder(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     with open(os.path.join(folder, LATEST), "w") as f:

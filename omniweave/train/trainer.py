@@ -39,7 +39,7 @@ from omniweave.models.omni.model import (
 )
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.cross_entropy import install_loss_head
-from omniweave.train.checkpoint import Checkpointer, resolve_resume
+from omniweave.train.checkpoint import Checkpointer, choose_checkpoint, set_aside
 from omniweave.train.checks import validate
 from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
 from omniweave.train.export import export_live
@@ -148,9 +148,31 @@ class Trainer:
         self.tokens_seen, self.start_step = 0, 0
         self.stops = StopConditions(t.max_bad_steps, self.state.device)
         self.checkpointer = None
-        resume = resolve_resume(cfg.checkpoint.resume, t.output_dir)
+        resume = self._choose_resume()
         if resume:
             self._resume(resume)
+
+    def _choose_resume(self) -> str | None:
+        """Rank 0 verifies the checkpoints (checksums) and picks one, setting damaged ones
+        aside; every rank gets its choice, or the same one-line error."""
+        choice: list = [None]
+        if self.is_main:
+            try:
+                path, damaged = choose_checkpoint(
+                    self.cfg.checkpoint.resume, self.cfg.train.output_dir
+                )
+                for folder, problem in damaged:
+                    print(f"omniweave: checkpoint {folder} is damaged ({problem}); set aside")
+                if damaged:
+                    set_aside(damaged, path)
+                choice = [("path", path)]
+            except ValueError as error:
+                choice = [("error", str(error))]
+        dist.broadcast_object_list(choice, src=0)
+        kind, value = choice[0]
+        if kind == "error":
+            raise ValueError(value)
+        return value
 
     def _checkpointer(self) -> Checkpointer:
         if self.checkpointer is None:  # collective (a process group): every rank at once
