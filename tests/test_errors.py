@@ -46,7 +46,7 @@ def config_file(tmp_path_factory, corpus) -> str:
         (["--train.lerning_rate=1e-3"], "did you mean 'train.lr'"),
         (["--model.config=null", "--model.path=/no/such/model"], "model.path '/no/such/model'"),
         (["--nproc", "2", "--data.tokenizer_path=/no/such/tok"], "Tokenizer folder /no/such/tok"),
-        (["--checkpoint.resume=/no/ckpt"], "'/no/ckpt' is not a complete OmniWeave checkpoint"),
+        (["--checkpoint.resume=/no/ckpt"], "checkpoint.resume: '/no/ckpt' is not a folder"),
     ],
 )
 def test_cli_errors_are_one_paragraph(config_file, arguments, expected):

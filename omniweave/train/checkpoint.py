@@ -72,6 +72,11 @@ def choose_checkpoint(
     if resume == "none":
         return None, []
     if resume != "auto":
+        if not os.path.isdir(resume):
+            raise ValueError(
+                f"checkpoint.resume: '{resume}' is not a folder; pass a checkpoints/step_N "
+                "folder, 'auto' or 'none'."
+            )
         problem = verify(resume, checksums)
         if problem:
             raise ValueError(
