@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,47 +19,48 @@ def _fail(message: str) -> int:
 
 
 def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    from omniweave.train import supervision
+
+    cfg = None
     try:
         cfg = load_config(args.config, overrides)
         if args.max_restarts and not args.nproc:
             raise ValueError("--max-restarts restarts torchrun's workers: give --nproc N too.")
         if args.nproc:
-            return _launch(args, overrides, cfg)
+            from omniweave.train.launcher import launch
 
+            return launch(cfg, args.config, overrides, args.nproc, args.max_restarts)
         from omniweave.train.control import TrainingStopped
         from omniweave.train.trainer import Trainer
 
+        if "LOCAL_RANK" in os.environ:  # a worker of ours or of torchrun: die with it
+            supervision.die_with_parent()
+        if supervision.under_launcher():  # the launcher holds the lock
+            lock = contextlib.nullcontext()
+        elif os.environ.get("RANK", "0") == "0":
+            lock = supervision.output_lock(cfg.train.output_dir)
+        else:
+            lock = contextlib.nullcontext()
         try:
-            Trainer(cfg).run()
+            with lock:
+                Trainer(cfg).run()
         except TrainingStopped as stopped:
-            if stopped.every_rank or os.environ.get("RANK", "0") == "0":
+            if not supervision.report_to_launcher(str(stopped), stopped.exit_code) and (
+                stopped.every_rank or os.environ.get("RANK", "0") == "0"
+            ):
                 print(stopped, file=sys.stderr)
             return stopped.exit_code
     except ValueError as error:  # ConfigError included: user mistakes, one paragraph each
+        supervision.log_traceback(cfg and cfg.train.output_dir)
+        if supervision.report_to_launcher(f"omniweave: error: {error}", 2):
+            return 2
         return _fail(str(error))
+    except Exception:
+        if supervision.another_rank_reported():  # an echo of that rank's failure
+            supervision.log_traceback(cfg and cfg.train.output_dir)
+            return 1
+        raise
     return 0
-
-
-def _launch(args: argparse.Namespace, overrides: list[str], cfg) -> int:
-    """Validate in this process, then start ``torchrun`` with ``--nproc`` local workers."""
-    from omniweave.train.checks import validate
-
-    validate(cfg, args.nproc)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.nproc}",
-        f"--max-restarts={args.max_restarts}",
-        "-m",
-        "omniweave.cli",
-        "train",
-        args.config,
-        *overrides,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,6 +75,37 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_an_intact_on
     kept += [f"step_{s:08d}" for s in (20, 25, 30)]
     assert sorted(os.listdir(folder)) == sorted(kept)
     assert _omniweave("checkpoint", "verify", str(run)).returncode == 0
+
+
+RANK_1_DIES_DURING_A_SAVE = """
+import os, signal
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import torch.distributed.checkpoint as dcp
+
+    save = dcp.save
+    def save_then_die(state, checkpoint_id, **kwargs):
+        save(state, checkpoint_id=checkpoint_id, **kwargs)
+        if "step_00000010" in str(checkpoint_id):  # its shard written, the save not complete
+            os.kill(os.getpid(), signal.SIGKILL)
+    dcp.save = save_then_die
+"""
+
+
+def test_a_rank_killed_during_a_save_is_restarted_and_loses_nothing(tmp_path, corpus, straight):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK_1_DIES_DURING_A_SAVE)
+    config = _config(tmp_path, corpus, "run")
+    command = [sys.executable, "-m", "omniweave.cli", "train", config, "--nproc", "2"]
+    command += [*CONSTANT, "--max-restarts", "1"]
+    environment = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{os.getcwd()}")
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "a worker failed; restarting all" in result.stdout
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_00000005'}" in result.stdout
+    assert _losses(str(tmp_path / "run")) == straight
+    print(f"killed during a save: {time.monotonic() - started:.1f} s in all, nothing lost")
 
 
 def test_an_explicit_damaged_checkpoint_is_a_one_line_error(tmp_path, corpus):

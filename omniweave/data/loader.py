@@ -33,6 +33,7 @@ from omniweave.data.sources import (
     located_records,
     source_specs,
 )
+from omniweave.train.supervision import parent_death_signal
 
 COUNTS = ("truncated", "dropped_overlong", "no_labels", "skipped_bad")
 
@@ -255,6 +256,7 @@ def prefetched(batches: StepBatches, start: int, stop: int, workers: int, prefet
             prefetch_factor=math.ceil(prefetch / workers),
             # fork: workers share the index and model parts without pickling them
             multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+            worker_init_fn=parent_death_signal,  # gone at once when their rank dies
         )
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ SOLID[list(b" \t\r\n")] = False
 # Small buffers: a random read decompresses from its seek point (256 KiB apart), not more.
 GZIP_BUFFERS = {"readbuf_size": 1 << 16, "buffer_size": 1 << 16}
 FORMAT_PROBE = 100  # records read to find a file's format
+HEAD_BYTES = 1 << 20  # read at a time from a text file's start to check its first records
 WHITESPACE_RE = re.compile(r"[ \t\r\n]*")
 
 
@@ -171,6 +173,42 @@ def index_shard(path: str, cache_dir: str) -> Shard:
             shard = Shard(path, kind, "", count)
         else:
             shard = _cached_text_index(path, kind, cache_dir)
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: cannot read ({error})") from None
+    except Exception as error:  # pyarrow's and datasets' own errors
+        if type(error).__module__.split(".")[0] not in ("pyarrow", "datasets", "fsspec"):
+            raise
+        raise ValueError(f"{path}: cannot read ({type(error).__name__}: {error})") from None
+    if not shard.num_records:
+        raise ValueError(f"{path}: no records")
+    shard.format = _probe_format(shard)
+    return shard
+
+
+def head_shard(path: str, records: int = FORMAT_PROBE) -> Shard:
+    """A shard of the first ``records`` records of ``path`` only, read without indexing the
+    whole file (a JSON array is parsed whole); ValueError naming the file on bad data."""
+    kind = _kind(path)
+    try:
+        if kind in ("parquet", "datasets"):
+            table = _open_table(path, kind)
+            count = table.metadata.num_rows if kind == "parquet" else len(table)
+            shard = Shard(path, kind, "", min(count, records))
+        elif kind == "json":
+            spans = _array_spans(path)[:records]
+            shard = Shard(path, kind, "", len(spans), spans, dense=False)
+        else:
+            opener = gzip.open if kind == "jsonl.gz" else open
+            head, at_end = b"", False
+            with opener(path, "rb") as handle:
+                while not at_end and head.count(b"\n") <= records:
+                    chunk = handle.read(HEAD_BYTES)
+                    head, at_end = head + chunk, not chunk
+            spans, dense = _line_spans(io.BytesIO(head))
+            if not at_end:  # the last line may go on past the head
+                spans = spans[spans[:, 1] < len(head)]
+            shard = Shard(path, kind, "", min(len(spans), records), spans[:records], None, dense)
+            shard._handle, shard._pid = io.BytesIO(head), os.getpid()
     except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"{path}: cannot read ({error})") from None
     except Exception as error:  # pyarrow's and datasets' own errors

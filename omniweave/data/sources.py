@@ -15,7 +15,7 @@ import numpy as np
 
 from omniweave.data.formats import as_record
 from omniweave.data.records import validate_record
-from omniweave.data.shards import Shard, index_shard, is_dataset_folder
+from omniweave.data.shards import Shard, head_shard, index_shard, is_dataset_folder
 
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -111,6 +111,26 @@ def index_sources(
         raise ValueError(problems[0])
     shards = [[index_shard(path, cache_dir) for path in group] for group in files]
     return Sources(shards, [weight for _, weight in specs])
+
+
+def check_sources(specs: list[tuple[str, float]], skip_bad: bool) -> None:
+    """Read the first records of every shard of ``specs``: a file that cannot be read, is
+    empty, or (unless ``skip_bad``) has a bad record among them is a one-line ValueError;
+    under ``skip_bad`` a file none of whose first records is valid is one too."""
+    for path, _ in specs:
+        for file in source_files(path):
+            shard = head_shard(file)
+            problems = []
+            for i in range(shard.num_records):
+                problem = checked_record(shard, i)[1]
+                if problem and not skip_bad:
+                    raise ValueError(f"{file}, {shard.where(i)}: {problem}")
+                problems.append(problem and f"{shard.where(i)}: {problem}")
+            if all(problems):
+                raise ValueError(
+                    f"{file}: none of its first {len(problems)} records is valid "
+                    f"(the first, {problems[0]})"
+                )
 
 
 def checked_record(shard: Shard, i: int) -> tuple[dict | None, str | None]:

@@ -9,7 +9,6 @@ expert-parallel groups are carved out of the FSDP ranks (``dp_shard x sp``).
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -91,12 +90,11 @@ def init_process_group(timeout_s: float = 600.0) -> None:
     """Join the job started by torchrun, or form a 1-process group when run directly."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ:  # an in-memory store: no port to pick, none to lose in a race
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is None:
         dist.init_process_group(backend, timeout=timeout)
@@ -127,12 +125,6 @@ def describe_timeout(error: BaseException) -> str | None:
     if ours:
         operation += f" (called from {ours[-1].filename}:{ours[-1].lineno} in {ours[-1].name})"
     return operation
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ParallelState:

@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 from concurrent.futures import Future
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -127,8 +128,9 @@ def _point_latest(folder: str, name: str) -> None:
 
 
 class Checkpointer:
-    """Saves and loads one run's checkpoints; ``group`` is a process group of its own (gloo),
-    so an async save's collectives never interleave with training's."""
+    """Saves and loads one run's checkpoints; ``group`` is a process group of its own (gloo,
+    waiting at most ``timeout_s`` like training's), so an async save's collectives never
+    interleave with training's."""
 
     def __init__(
         self,
@@ -137,12 +139,13 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         keep_last: int,
         async_save: bool,
+        timeout_s: float = 600.0,
     ):
         self.run, self.folder = output_dir, checkpoints_dir(output_dir)
         self.model, self.optimizer = model, optimizer
         self.keep_last, self.async_save = keep_last, async_save
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.group = dist.new_group(backend="gloo")
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.pending: tuple[Future, str] | None = None
 
     def save(self, step: int, trainer_state: dict) -> str:

@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from omniweave.config import Config
 from omniweave.data.processors import load_tokenizer
-from omniweave.data.sources import source_files, source_specs
+from omniweave.data.sources import check_sources, source_specs
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.ulysses import check_heads
@@ -49,8 +49,7 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
             "budget or lower max_seq_len."
         )
-    for path, _ in source_specs(cfg.data):
-        source_files(path)  # a missing or empty source fails here
+    check_sources(source_specs(cfg.data), cfg.data.on_bad_sample == "skip")
     t = cfg.train
     if budget is None and t.global_batch_size % (t.micro_batch_size * degrees.dp):
         raise ValueError(

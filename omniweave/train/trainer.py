@@ -178,8 +178,9 @@ class Trainer:
         if self.checkpointer is None:  # collective (a process group): every rank at once
             c = self.cfg.checkpoint
             self.checkpointer = Checkpointer(
-                self.cfg.train.output_dir, self.model, self.optimizer, c.keep_last, c.async_save
-            )
+                self.cfg.train.output_dir, self.model, self.optimizer, c.keep_last, c.async_save,
+                self.cfg.parallel.timeout_s,
+            )  # fmt: skip
         return self.checkpointer
 
     def _resume(self, path: str) -> None:
@@ -383,7 +384,14 @@ class Trainer:
         steps = prefetched(self.batches, self.start_step, t.max_steps, workers, d.prefetch)
         with self.stops:
             for step in range(self.start_step, t.max_steps):
-                stop = self._step(step, steps, bar, rows, writer)
+                try:
+                    stop = self._step(step, steps, bar, rows, writer)
+                except RuntimeError as error:  # a collective of the step or its save timed out
+                    timeout_s = self.cfg.parallel.timeout_s
+                    stopped = timeout_stop(error, self.state.rank, timeout_s, step + 1)
+                    if stopped is None:
+                        raise
+                    raise stopped from error
                 if stop:
                     break
         del steps  # stops the data workers
@@ -427,13 +435,7 @@ class Trainer:
         if data.error:
             raise ValueError(data.error)
         self.sample_log.note(data)
-        try:
-            result = self.train_step(step, data.batches)
-        except RuntimeError as error:
-            stopped = timeout_stop(error, self.state.rank, self.cfg.parallel.timeout_s, step + 1)
-            if stopped is None:
-                raise
-            raise stopped from error
+        result = self.train_step(step, data.batches)
         elapsed = time.perf_counter() - start
         self.tokens_seen += result["step_tokens"]
         stop = self.stops.after_step(result["bad"])
