@@ -55,9 +55,15 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
         if supervision.report_to_launcher(f"omniweave: error: {error}", 2):
             return 2
         return _fail(str(error))
-    except Exception:
+    except Exception as error:
         if supervision.another_rank_reported():  # an echo of that rank's failure
             supervision.log_traceback(cfg and cfg.train.output_dir)
+            return 1
+        if supervision.lost_a_peer(error):  # the dead rank is the story, not this traceback
+            supervision.log_traceback(cfg and cfg.train.output_dir)
+            rank = os.environ.get("RANK", "0")
+            print(f"omniweave: rank {rank} lost its connection to a rank whose process died",
+                  file=sys.stderr)  # fmt: skip
             return 1
         raise
     return 0

@@ -142,6 +142,13 @@ def another_rank_reported() -> bool:
     return under_launcher() and os.path.exists(_error_file())
 
 
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank's process is gone."""
+    return isinstance(error, RuntimeError) and any(
+        gone in str(error) for gone in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
 def reported_error(folder: str) -> dict | None:
     """The last attempt's reported error (``line``, ``exit_code``), if any."""
     names = [n for n in os.listdir(folder) if n.startswith("error-") and n.endswith(".json")]
