@@ -1,4 +1,4 @@
-"""``omniweave`` command line: train, eval, export, checkpoint, bench, data."""
+"""``omniweave`` command line: train, config, eval, export, checkpoint, bench, data."""
 
 from __future__ import annotations
 
@@ -87,6 +87,35 @@ def _bench(arguments: list[str]) -> int:
     return subprocess.run([sys.executable, report, *arguments], check=False).returncode
 
 
+def config_sections() -> str:
+    """Each config section with its summary and keys (for ``train --help``)."""
+    import dataclasses
+    import textwrap
+
+    from omniweave.config import SECTIONS
+
+    lines = ["config sections (YAML, or --section.key=value on the command line):"]
+    for name, section in SECTIONS.items():
+        summary = " ".join(section.__doc__.split()).split(". ")[0].rstrip(".")
+        keys = ", ".join(f.metadata.get("key", f.name) for f in dataclasses.fields(section))
+        lines += textwrap.wrap(f"{name}: {summary}.", 88, initial_indent="  ",
+                               subsequent_indent="    ")  # fmt: skip
+        lines += textwrap.wrap(f"keys: {keys}", 88, initial_indent="    ",
+                               subsequent_indent="      ")  # fmt: skip
+    lines.append("`omniweave config CONFIG` prints a config with every default filled in.")
+    return "\n".join(lines)
+
+
+def _print_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    import yaml
+
+    from omniweave.config import config_to_dict
+
+    cfg = load_config(args.config, overrides)
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniweave", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,16 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model from a YAML config",
         description="Train from CONFIG; override any key with --section.key=value.",
+        epilog=config_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", help="YAML config file")
-    train.add_argument("--nproc", type=int, default=0, help="start torchrun with N local processes")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        help="check the run, then train in N local worker processes (torchrun's agent)",
+    )
     train.add_argument(
         "--max-restarts",
         type=int,
         default=0,
         help="restart all workers up to K times when one fails; each restart resumes from "
-        "checkpoints/latest (with checkpoint.every_steps and checkpoint.resume: auto)",
+        "the newest intact checkpoint (with checkpoint.every_steps and checkpoint.resume: auto)",
     )
+    show = commands.add_parser(
+        "config",
+        help="print a config fully resolved (every default filled in) and exit",
+        description="Read CONFIG, apply --section.key=value overrides, check it and print it.",
+    )
+    show.add_argument("config", help="YAML config file")
     evaluate = commands.add_parser(
         "eval", help="score a trained OmniModel on the held-out prompts of a demo data set"
     )
@@ -130,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if args.command == "train":
         return train_command(args, unknown)
+    if args.command == "config":
+        try:
+            return _print_config(args, unknown)
+        except ValueError as error:
+            return _fail(str(error))
     if args.command == "bench":
         return _bench(unknown)
     if unknown:

@@ -3,15 +3,19 @@
 import dataclasses
 import glob
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from omniweave.config import (
+    SECTIONS,
     CheckpointConfig,
     Config,
     ConfigError,
     ModelConfig,
+    config_from_dict,
     config_to_dict,
     load_config,
     save_config,
@@ -342,3 +346,27 @@ def test_shipped_configs_load(path):
     """Every shipped recipe parses with no unknown key or bad value."""
     cfg = load_config(path)
     assert cfg.data.train_path and cfg.train.output_dir.startswith("runs/")
+
+
+def test_config_command_prints_the_resolved_config_and_train_help_its_sections(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "train": {"max_steps": 7}}))
+    command = [sys.executable, "-m", "omniweave.cli", "config", str(path), "--train.lr=3e-4"]
+    shown = subprocess.run(command, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    printed = yaml.safe_load(shown.stdout)
+    assert config_from_dict(printed) == load_config(path, ["--train.lr=3e-4"])
+    for name, section in SECTIONS.items():  # every key present, defaults filled in
+        keys = [f.metadata.get("key", f.name) for f in dataclasses.fields(section)]
+        assert list(printed[name]) == keys
+    assert printed["train"]["max_steps"] == 7 and printed["train"]["lr"] == 3e-4
+    assert printed["data"]["prefetch"] == 2  # not in the file: the default
+    wrong = subprocess.run([*command[:-1], "--train.lrr=3"], capture_output=True, text=True)
+    assert wrong.returncode == 2
+    expected = "omniweave: error: unknown config key 'train.lrr'; did you mean 'train.lr'?\n"
+    assert wrong.stderr == expected
+    helped = subprocess.run([*command[:3], "train", "--help"], capture_output=True, text=True)
+    for name, section in SECTIONS.items():
+        assert f"  {name}: " in helped.stdout
+        for f in dataclasses.fields(section):
+            assert f.metadata.get("key", f.name) in helped.stdout

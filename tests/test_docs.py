@@ -57,3 +57,20 @@ def test_adding_a_modality_example_runs_and_trains(tmp_path, corpus):
     overrides = [f"--{key}={json.dumps(value)}" for key, value in settings.items()]
     losses = run_distributed(_train_with_plugin, 1, str(tmp_path), overrides)[0]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_the_docs_link_only_files_of_the_repository():
+    root = DOCS.parent
+    pages = [root / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert DOCS / "architecture.md" in pages
+    linked = set()
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)", text) + re.findall(r"`([\w./-]+\.md)`", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target).resolve()
+            assert path.is_relative_to(root), f"{page.name} links {target}, outside the repository"
+            assert path.exists(), f"{page.name} links {target}, which does not exist"
+            linked.add(path)
+    assert (DOCS / "architecture.md").resolve() in linked
