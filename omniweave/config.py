@@ -56,6 +56,7 @@ class DataConfig:
     num_workers: int | None = _opt(None, ge=0)  # processes preparing steps; None: by the cores
     prefetch: int = _opt(2, ge=1)  # steps prepared ahead of the trainer
     allow_changed_sources: bool = False  # resume although a shard was added, removed or edited
+    eval_path: str | None = None  # held-out data (any source train_path takes) for eval_loss
 
 
 @dataclass
@@ -81,6 +82,8 @@ class TrainConfig:
     max_steps: int = _opt(100, ge=1)
     global_batch_size: int = _opt(8, ge=1)
     micro_batch_size: int = _opt(1, ge=1)
+    eval_every: int = _opt(0, ge=0)  # steps between eval_loss passes (and at the end); 0: end
+    eval_max_samples: int | None = _opt(None, ge=1)  # eval on the first N records only
     lr: float = _opt(3e-4, gt=0, aliases=("learning_rate",))
     lr_schedule: str = _opt("cosine", choices=("constant", "linear", "cosine"))
     warmup_steps: int = _opt(0, ge=0)

@@ -49,7 +49,10 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             f"{cfg.data.max_seq_len}: the longest sample would fit no micro-batch; raise the "
             "budget or lower max_seq_len."
         )
-    check_sources(source_specs(cfg.data), cfg.data.on_bad_sample == "skip")
+    skip_bad = cfg.data.on_bad_sample == "skip"
+    check_sources(source_specs(cfg.data), skip_bad)
+    if cfg.data.eval_path:
+        check_sources([(cfg.data.eval_path, 1.0)], skip_bad)
     t = cfg.train
     if budget is None and t.global_batch_size % (t.micro_batch_size * degrees.dp):
         raise ValueError(

@@ -164,9 +164,14 @@ def plot_loss(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training")
+    evaluated = [r for r in rows if r.get("eval_loss") is not None]
+    if evaluated:
+        steps, losses = [r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated]
+        ax.plot(steps, losses, "o-", label="eval")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -53,6 +53,7 @@ from omniweave.train.metrics import (
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from omniweave.train.router import RouterLoss, is_moe
 from omniweave.train.sample_log import SampleLog
+from omniweave.train.validation import eval_batches, eval_losses
 
 
 class Trainer:
@@ -148,6 +149,9 @@ class Trainer:
         self.tokens_seen, self.start_step = 0, 0
         self.stops = StopConditions(t.max_bad_steps, self.state.device)
         self.checkpointer = None
+        self.eval_set = None
+        if d.eval_path:
+            self.eval_set = eval_batches(cfg, self.state, self.batches.make, self.batches.pad_id)
         resume = self._choose_resume()
         if resume:
             self._resume(resume)
@@ -442,7 +446,12 @@ class Trainer:
         tokens_per_s = result["step_tokens"] / elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+        last = step + 1 == t.max_steps
+        evaluating = self.eval_set is not None and (
+            last or (t.eval_every and (step + 1) % t.eval_every == 0)
+        )
+        evals = eval_losses(self, self.eval_set) if evaluating else {}
+        if (step + 1) % t.log_every == 0 or last or evaluating:
             peak_mem, slowest = self._max_over_ranks(peak_memory_gb(self.state.device), elapsed)
             row = {
                 "step": step + 1,
@@ -457,6 +466,7 @@ class Trainer:
                 "data_wait_s": data_wait,
                 **self.sample_log.so_far(),
                 "skipped_steps": self.stops.bad_steps,
+                **evals,
             }
             row.update(
                 (key, value)
