@@ -1,4 +1,5 @@
-"""``omniweave`` command line: train, config, eval, export, checkpoint, bench, data."""
+"""``omniweave`` command line: train, config, generate, eval, export, checkpoint, bench,
+data."""
 
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
             return 1
         raise
     return 0
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from omniweave.train.generate import generate
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--max-new-tokens must be >= 1, --temperature >= 0, 0 < --top-p <= 1.")
+    text = generate(
+        args.source, args.prompt, args.max_new_tokens, args.chat, args.image,
+        args.temperature, args.top_p, args.seed,
+    )  # fmt: skip
+    print(text)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -140,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart all workers up to K times when one fails; each restart resumes from "
         "the newest intact checkpoint (with checkpoint.every_steps and checkpoint.resume: auto)",
     )
+    generate = commands.add_parser(
+        "generate",
+        help="continue a prompt with a trained model (a run, a checkpoint or an HF folder)",
+        description="Greedy by default; --temperature T > 0 samples (with --top-p, --seed).",
+    )
+    generate.add_argument("source", help="HF folder, OmniModel export, run or checkpoint")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--chat", action="store_true", help="apply the chat template")
+    generate.add_argument(
+        "--image", action="append", default=[], help="an image for an OmniModel (repeatable)"
+    )
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_generate)
     show = commands.add_parser(
         "config",
         help="print a config fully resolved (every default filled in) and exit",

@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -54,7 +55,9 @@ def read_model_state(checkpoint: str) -> dict[str, torch.Tensor]:
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=checkpoint, no_dist=True)
     return state
 
 

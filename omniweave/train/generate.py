@@ -1,0 +1,123 @@
+"""``omniweave generate``: continue a prompt with a trained model, greedy or sampled.
+
+The model comes from an HF folder (``config.json``), an OmniModel export
+(``omni_index.json``), a run folder (its newest intact checkpoint) or one checkpoint folder
+(the run's ``config.yaml`` two levels up says what model it holds). Decoding runs in this
+process on the unsharded model with a KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from omniweave.config import load_config
+from omniweave.data.processors import load_tokenizer, tokenize_multimodal
+from omniweave.models.loader import load_hf_config
+from omniweave.models.omni.decoders import greedy_decode
+from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
+from omniweave.models.registry import model_class, model_from_config
+from omniweave.train.checkpoint import resolve_resume
+from omniweave.train.evaluate import turn_ends
+from omniweave.train.export import INDEX, load_omni, read_model_state
+
+
+def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]:
+    """The model (eval mode), its tokenizer and, for an OmniModel, its parts."""
+    if os.path.isfile(os.path.join(source, INDEX)):
+        model = load_omni(source)
+        return model, load_tokenizer(source), _parts(model, {})
+    if os.path.isfile(os.path.join(source, "config.json")):
+        config_type = load_hf_config(source, None, "sdpa").model_type
+        model = model_class(config_type).from_pretrained(source, dtype=torch.float32)
+        return model.eval(), load_tokenizer(source), None
+    run, checkpoint = source, None
+    if not os.path.isfile(os.path.join(source, "config.yaml")):  # OUTPUT/checkpoints/step_N
+        run, checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(source))), source
+    if not os.path.isfile(os.path.join(run, "config.yaml")):
+        raise ValueError(
+            f"'{source}' is not an HF model folder (config.json), an OmniModel export "
+            f"({INDEX}), a run folder (config.yaml) or a checkpoint of one."
+        )
+    checkpoint = checkpoint or resolve_resume("auto", run)
+    if checkpoint is None:
+        raise ValueError(f"run '{run}' has no checkpoint yet (set checkpoint.every_steps).")
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    hf_config = load_hf_config(cfg.model.path, cfg.model.config, "sdpa")
+    model = model_from_config(hf_config)
+    omni = cfg.model.omni
+    if omni:
+        import_plugins(omni)
+        model = OmniModel.from_config(model, omni["encoders"])
+    model.load_state_dict(read_model_state(checkpoint))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    return model.eval(), tokenizer, _parts(model, omni.get("decoders", {})) if omni else None
+
+
+def _parts(model: OmniModel, decoders: dict) -> OmniParts:
+    text = model.foundation.config.get_text_config()
+    built = build_decoders(text.hidden_size, text.vocab_size, decoders)
+    return OmniParts(dict(model.encoders), model.placeholders, built)
+
+
+def generate(
+    source: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    chat: bool = False,
+    images: list[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """The continuation of ``prompt`` (greedy when ``temperature`` is 0), as text."""
+    if not prompt:
+        raise ValueError("--prompt is empty; give the text to continue.")
+    model, tokenizer, parts = load_source(source)
+    if images and parts is None:
+        raise ValueError(f"--image needs an OmniModel with an image encoder; '{source}' has none.")
+    if images and "image" not in parts.encoders:
+        raise ValueError(f"--image: the model's encoders are {sorted(parts.encoders)}.")
+    markers = "".join("<image>" for _ in images if "<image>" not in prompt)
+    text = markers + prompt
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat: the tokenizer has no chat template; leave --chat out.")
+        messages = [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    stops = turn_ends(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+
+    def choose(logits: torch.Tensor) -> int | None:
+        token = (
+            int(logits.argmax())
+            if temperature == 0
+            else _sample(logits, temperature, top_p, generator)
+        )
+        return None if token in stops else token
+
+    with torch.no_grad():
+        if parts is None:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            chosen = greedy_decode(
+                model, {"input_ids": torch.tensor([ids])}, max_new_tokens, choose
+            )
+        else:
+            record = {"text": text, "media": {"image": [os.path.abspath(p) for p in images]}}
+            tokens = tokenize_multimodal(record, tokenizer, parts, os.getcwd())
+            embeds = model.embed(torch.tensor([tokens["input_ids"][:-1]]), tokens["media"])
+            lm = model.foundation
+            chosen = greedy_decode(lm, {"inputs_embeds": embeds}, max_new_tokens, choose)
+    return tokenizer.decode(chosen, skip_special_tokens=True)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    """A token drawn from softmax(logits / temperature), cut to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(0) - ordered < top_p  # the smallest set reaching top_p
+    ordered = ordered * keep
+    return int(order[torch.multinomial(ordered / ordered.sum(), 1, generator=generator)])
