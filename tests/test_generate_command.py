@@ -75,3 +75,39 @@ def test_generate_mistakes_are_one_line(corpus, tmp_path):
     assert len(missing.stderr.splitlines()) == 1
     wrong = _generate(tmp_path, "--prompt", PROMPT, "--top-p", "0")
     assert wrong.returncode == 2 and "0 < --top-p <= 1" in wrong.stderr
+
+
+def test_an_omni_model_answers_from_the_image(corpus, tmp_path):
+    from PIL import Image
+
+    records = []
+    for index in range(16):
+        shade, word = (20, "dark") if index % 2 else (235, "light")
+        Image.new("L", (16, 16), shade + index).save(tmp_path / f"{index}.png")
+        records.append({"text": f"<image> is {word}", "media": {"image": [f"{index}.png"]}})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    encoder = {"type": "vision", "placeholder": 512, "width": 32, "heads": 2, "patch": 4}
+    config = {
+        "model": {"config": {**TINY["qwen2"], "vocab_size": 513},
+                  "omni": {"encoders": {"image": encoder}}},
+        "data": {"train_path": str(tmp_path / "train.jsonl"),
+                 "tokenizer_path": corpus["tokenizer_path"], "max_seq_len": 32},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 60, "global_batch_size": 8,
+                  "micro_batch_size": 8, "lr": 3e-3, "peak_flops": 1e12, "save_final": True},
+        "log": {"progress": False, "tensorboard": False, "plot": False},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(json.dumps(config))
+    train = [sys.executable, "-m", "omniweave.cli", "train", str(tmp_path / "run.yaml")]
+    trained = subprocess.run(train, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    answers = {}
+    for shade, word in ((25, "dark"), (230, "light")):  # images it has not seen
+        Image.new("L", (16, 16), shade).save(tmp_path / f"{word}.png")
+        answer = _generate(tmp_path / "run", "--prompt", "<image> is", "--image",
+                           str(tmp_path / f"{word}.png"), "--max-new-tokens", "4")  # fmt: skip
+        assert answer.returncode == 0, answer.stderr
+        answers[word] = answer.stdout.strip()
+    assert answers == {"dark": "dark", "light": "light"}, answers
+    text_only = _generate(tmp_path / "run", "--prompt", "hello", "--image", "x.png")
+    assert text_only.returncode == 2  # a missing image file is one line
+    assert len(text_only.stderr.splitlines()) == 1, text_only.stderr

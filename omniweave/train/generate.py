@@ -2,7 +2,8 @@
 
 The model comes from an HF folder (``config.json``), an OmniModel export
 (``omni_index.json``), a run folder (its newest intact checkpoint) or one checkpoint folder
-(the run's ``config.yaml`` two levels up says what model it holds). Decoding runs in this
+(the run's ``config.yaml`` two levels up says what model it holds); a run's ``final/``
+weights are used where it has them. Decoding runs in this
 process on the unsharded model with a KV cache.
 """
 
@@ -18,6 +19,7 @@ from omniweave.models.loader import load_hf_config
 from omniweave.models.omni.decoders import greedy_decode
 from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
 from omniweave.models.registry import model_class, model_from_config
+from omniweave.models.weights import load_full_weights
 from omniweave.train.checkpoint import resolve_resume
 from omniweave.train.evaluate import turn_ends
 from omniweave.train.export import INDEX, load_omni, read_model_state
@@ -40,9 +42,13 @@ def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]
             f"'{source}' is not an HF model folder (config.json), an OmniModel export "
             f"({INDEX}), a run folder (config.yaml) or a checkpoint of one."
         )
-    checkpoint = checkpoint or resolve_resume("auto", run)
-    if checkpoint is None:
-        raise ValueError(f"run '{run}' has no checkpoint yet (set checkpoint.every_steps).")
+    final = os.path.join(run, "final")
+    if checkpoint is None and not os.path.isdir(final):
+        checkpoint = resolve_resume("auto", run)
+        if checkpoint is None:
+            raise ValueError(
+                f"run '{run}' has neither final weights (train.save_final) nor a checkpoint."
+            )
     cfg = load_config(os.path.join(run, "config.yaml"))
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, "sdpa")
     model = model_from_config(hf_config)
@@ -50,7 +56,10 @@ def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]
     if omni:
         import_plugins(omni)
         model = OmniModel.from_config(model, omni["encoders"])
-    model.load_state_dict(read_model_state(checkpoint))
+    if checkpoint:
+        model.load_state_dict(read_model_state(checkpoint))
+    else:
+        load_full_weights(model, final)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
