@@ -51,7 +51,7 @@ def _processes_of(config: str) -> list[int]:
 def test_killing_the_launcher_stops_every_worker(tmp_path, corpus):
     config = _config(tmp_path, corpus, "run")
     job = _start(config, "--train.max_steps=100000")
-    _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 3)
+    _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 12)
     assert {_worker(config, 0), _worker(config, 1)} <= set(_processes_of(config))
     os.killpg(job.pid, signal.SIGKILL)  # as a scheduler does; workers have sessions of their own
     job.wait()
@@ -59,6 +59,20 @@ def test_killing_the_launcher_stops_every_worker(tmp_path, corpus):
     while _processes_of(config) and time.monotonic() - killed < 10:
         time.sleep(0.1)
     assert not _processes_of(config), f"alive 10 s after the launcher: {_processes_of(config)}"
+
+
+def test_killing_a_plain_torchrun_stops_its_workers(tmp_path, corpus):
+    config = _config(tmp_path, corpus, "run")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "omniweave.cli", "train", config, "--train.max_steps=100000"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 12)
+    job.kill()  # torchrun alone: its workers run in sessions of their own
+    job.wait()
+    killed = time.monotonic()
+    while _processes_of(config) and time.monotonic() - killed < 10:
+        time.sleep(0.1)
+    assert not _processes_of(config), f"alive 10 s after torchrun: {_processes_of(config)}"
 
 
 def test_a_second_run_on_a_busy_output_folder_is_refused_and_a_dead_ones_lock_taken_over(
