@@ -61,7 +61,6 @@ def test_eval_loss_is_the_same_on_every_layout_and_with_packing(corpus, tmp_path
         (2, {}),
         (2, {"data.packing": True}),
         (4, {"parallel.sp": 2, "data.packing": True}),
-        (4, {}),
     ]
     for procs, settings in layouts:
         out = str(tmp_path / f"{procs}-{len(settings)}")
