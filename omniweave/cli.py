@@ -36,12 +36,9 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
         if "LOCAL_RANK" in os.environ:  # a worker of ours or of torchrun: die with it
             supervision.die_with_parent()
-        if supervision.under_launcher():  # the launcher holds the lock
-            lock = contextlib.nullcontext()
-        elif os.environ.get("RANK", "0") == "0":
+        lock = contextlib.nullcontext()  # the launcher holds it, or rank 0 takes it here
+        if not supervision.under_launcher() and os.environ.get("RANK", "0") == "0":
             lock = supervision.output_lock(cfg.train.output_dir)
-        else:
-            lock = contextlib.nullcontext()
         try:
             with lock:
                 Trainer(cfg).run()
@@ -52,7 +49,8 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
                 print(stopped, file=sys.stderr)
             return stopped.exit_code
     except ValueError as error:  # ConfigError included: user mistakes, one paragraph each
-        supervision.log_traceback(cfg and cfg.train.output_dir)
+        if "RANK" in os.environ:  # a worker's: the traceback kept in its run's logs/
+            supervision.log_traceback(cfg and cfg.train.output_dir)
         if supervision.report_to_launcher(f"omniweave: error: {error}", 2):
             return 2
         return _fail(str(error))

@@ -4,6 +4,7 @@ folder, errors found inside the workers (or a hung rank) reach the user as one l
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,6 @@ def test_a_stopped_rank_past_the_timeout_is_one_line_and_nothing_is_left(tmp_pat
     assert job.returncode == 1, error
     assert len(error.splitlines()) == 1, error
     assert "omniweave: rank 0 waited more than parallel.timeout_s=4 s at step" in error
-    assert "(called from" in error and "trainer.py" in error  # where OmniWeave waited
-    assert "): another rank is hung or died" in error
+    where = r"at step \d+ in \w+ \(called from \S+/omniweave/\S+\.py:\d+ in \w+\): another rank"
+    assert re.search(where, error), error  # the collective, and the line of ours that waited
     assert not _processes_of(config)

@@ -40,14 +40,14 @@ def launch(cfg, config: str, overrides: list[str], nproc: int, max_restarts: int
     arguments = ["--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}"]
     arguments += ["-m", "omniweave.cli", "train", config, *overrides]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from omniweave.train.checks import validate
+
+    validate(cfg, nproc)  # before the lock: a mistake leaves no output folder behind
     with output_lock(cfg.train.output_dir), tempfile.TemporaryDirectory() as errors:
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.run import parse_args, run
 
-        from omniweave.train.checks import validate
-
-        validate(cfg, nproc)
         os.environ[ERROR_DIR] = errors
         log = AgentLog().install()
         try:

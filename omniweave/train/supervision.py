@@ -60,8 +60,10 @@ def output_lock(output_dir: str):
             print(f"omniweave: took over {path} from {previous}, which is no longer running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
-        yield
-        os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # any exit this process sees leaves no holder behind
     finally:
         os.close(fd)  # releases the lock
 
