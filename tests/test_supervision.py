@@ -144,3 +144,21 @@ def test_a_stopped_rank_past_the_timeout_is_one_line_and_nothing_is_left(tmp_pat
     where = r"at step \d+ in \w+ \(called from \S+/omniweave/\S+\.py:\d+ in \w+\): another rank"
     assert re.search(where, error), error  # the collective, and the line of ours that waited
     assert not _processes_of(config)
+
+
+def test_sigterm_to_the_launcher_checkpoints_and_stops_in_one_line(tmp_path, corpus):
+    from omniweave.train.checkpoint import resolve_resume
+
+    config = _config(tmp_path, corpus, "run")
+    job = _start(config, "--train.max_steps=100000")
+    _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 7)
+    job.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler's preemption notice
+    _, error = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, error
+    assert len(error.splitlines()) == 1, error
+    saved = resolve_resume("auto", str(tmp_path / "run"))
+    step = int(saved[-8:])
+    assert (
+        error == f"omniweave: stopped by SIGTERM (preemption). Checkpoint of step {step}: {saved}\n"
+    )
+    assert not _processes_of(config)

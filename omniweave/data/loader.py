@@ -33,7 +33,7 @@ from omniweave.data.sources import (
     located_records,
     source_specs,
 )
-from omniweave.train.supervision import parent_death_signal
+from omniweave.train.supervision import data_worker_init
 
 COUNTS = ("truncated", "dropped_overlong", "no_labels", "skipped_bad")
 
@@ -256,7 +256,7 @@ def prefetched(batches: StepBatches, start: int, stop: int, workers: int, prefet
             prefetch_factor=math.ceil(prefetch / workers),
             # fork: workers share the index and model parts without pickling them
             multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
-            worker_init_fn=parent_death_signal,  # gone at once when their rank dies
+            worker_init_fn=data_worker_init,  # SIGTERM is the rank's; gone when it dies
         )
     )
 

@@ -59,8 +59,10 @@ def launch(cfg, config: str, overrides: list[str], nproc: int, max_restarts: int
                 return reported["exit_code"]
             print("\n".join([*log.kept, failure.format_msg()]), file=sys.stderr)
             return 1
-        except SignalException as stopped:
-            print(f"omniweave: stopped by {stopped.sigval.name}", file=sys.stderr)
+        except SignalException as stopped:  # the workers were sent it too: they checkpoint
+            reported = reported_error(errors)
+            line = reported["line"] if reported else f"omniweave: stopped by {stopped.sigval.name}"
+            print(line, file=sys.stderr)
             return 128 + stopped.sigval
         finally:
             del os.environ[ERROR_DIR]

@@ -102,6 +102,13 @@ def parent_death_signal(*_) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def data_worker_init(*_) -> None:
+    """A data-loading worker: SIGTERM is for its rank to act on (finish the step, save), not
+    for it; it dies with the rank instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent_death_signal()
+
+
 def die_with_parent() -> None:
     """SIGKILL this process when its parent dies (``parent_death_signal``), and watch the
     parent from a thread too (it may have died before the signal was set)."""
