@@ -173,16 +173,9 @@ def index_shard(path: str, cache_dir: str) -> Shard:
             shard = Shard(path, kind, "", count)
         else:
             shard = _cached_text_index(path, kind, cache_dir)
-    except (OSError, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: cannot read ({error})") from None
-    except Exception as error:  # pyarrow's and datasets' own errors
-        if type(error).__module__.split(".")[0] not in ("pyarrow", "datasets", "fsspec"):
-            raise
-        raise ValueError(f"{path}: cannot read ({type(error).__name__}: {error})") from None
-    if not shard.num_records:
-        raise ValueError(f"{path}: no records")
-    shard.format = _probe_format(shard)
-    return shard
+    except Exception as error:
+        raise _read_error(path, error) from None
+    return _with_format(shard)
 
 
 def head_shard(path: str, records: int = FORMAT_PROBE) -> Shard:
@@ -209,14 +202,25 @@ def head_shard(path: str, records: int = FORMAT_PROBE) -> Shard:
                 spans = spans[spans[:, 1] < len(head)]
             shard = Shard(path, kind, "", min(len(spans), records), spans[:records], None, dense)
             shard._handle, shard._pid = io.BytesIO(head), os.getpid()
-    except (OSError, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: cannot read ({error})") from None
-    except Exception as error:  # pyarrow's and datasets' own errors
-        if type(error).__module__.split(".")[0] not in ("pyarrow", "datasets", "fsspec"):
-            raise
-        raise ValueError(f"{path}: cannot read ({type(error).__name__}: {error})") from None
+    except Exception as error:
+        raise _read_error(path, error) from None
+    return _with_format(shard)
+
+
+def _read_error(path: str, error: Exception) -> Exception:
+    """A one-line ValueError naming ``path`` for a read failure (OS, gzip, pyarrow, datasets);
+    any other exception as it is."""
+    if isinstance(error, (OSError, EOFError, zlib.error)):
+        return ValueError(f"{path}: cannot read ({error})")
+    if type(error).__module__.split(".")[0] in ("pyarrow", "datasets", "fsspec"):
+        return ValueError(f"{path}: cannot read ({type(error).__name__}: {error})")
+    return error
+
+
+def _with_format(shard: Shard) -> Shard:
+    """``shard`` with its format probed; ValueError when it holds no records."""
     if not shard.num_records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{shard.path}: no records")
     shard.format = _probe_format(shard)
     return shard
 
