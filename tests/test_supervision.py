@@ -4,6 +4,7 @@ folder, errors found inside the workers reach the user as one line."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +130,20 @@ def test_errors_inside_the_workers_are_one_line(tmp_path, corpus):
         assert result.stderr.startswith("omniweave: error: ") and expected in result.stderr
     logs = tmp_path / "run" / "logs"  # the worker-side one: tracebacks kept for a look
     assert "Traceback" in (logs / "error_rank0.txt").read_text()
+
+
+def test_a_stopped_rank_past_the_timeout_is_one_line_and_nothing_is_left(tmp_path, corpus):
+    config = _config(tmp_path, corpus, "run")
+    job = _start(config, "--train.max_steps=100000", "--parallel.timeout_s=4")
+    _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 3)
+    os.kill(_worker(config, 1), signal.SIGSTOP)
+    _, error = job.communicate(timeout=300)
+    assert job.returncode == 1, error
+    assert len(error.splitlines()) == 1, error
+    assert "omniweave: rank 0 waited more than parallel.timeout_s=4 s at step" in error
+    where = r"at step \d+ in \w+ \(called from \S+/omniweave/\S+\.py:\d+ in \w+\): another rank"
+    assert re.search(where, error), error  # the collective, and the line of ours that waited
+    assert not _processes_of(config)
 
 
 def test_sigterm_to_the_launcher_checkpoints_and_stops_in_one_line(tmp_path, corpus):

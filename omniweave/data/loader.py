@@ -256,7 +256,7 @@ def prefetched(batches: StepBatches, start: int, stop: int, workers: int, prefet
             prefetch_factor=math.ceil(prefetch / workers),
             # fork: workers share the index and model parts without pickling them
             multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
-            worker_init_fn=data_worker_init,  # SIGTERM is the rank's; gone when it dies
+            worker_init_fn=data_worker_init,  # own process group; dies with its rank
         )
     )
 

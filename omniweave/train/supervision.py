@@ -103,9 +103,11 @@ def parent_death_signal(*_) -> None:
 
 
 def data_worker_init(*_) -> None:
-    """A data-loading worker: SIGTERM is for its rank to act on (finish the step, save), not
-    for it; it dies with the rank instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A data-loading worker leaves its rank's process group, so a signal for the group
+    (torchrun's SIGTERM on shutdown) is the rank's to act on (finish the step, save); the
+    worker dies with its rank instead. Signals sent to the worker itself (the DataLoader's
+    own shutdown) still reach it."""
+    os.setpgid(0, 0)
     parent_death_signal()
 
 
