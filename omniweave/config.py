@@ -36,6 +36,7 @@ class ModelConfig:
     attn_implementation: str = _opt("sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     omni: dict | None = field(default=None, metadata={"required_keys": ("encoders",)})
     processor: dict | None = None  # options of a native multimodal model's image processor
+    lora: dict | None = None  # LoRA adapters: {rank, alpha, dropout, target_modules}
 
 
 @dataclass

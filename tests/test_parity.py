@@ -21,15 +21,18 @@ STEPS, GLOBAL_BATCH, LR, WARMUP, MAX_LEN = 5, 8, 1e-3, 2, 128
 
 
 def reference_losses(
-    model_path: str, corpus: dict, attn: str = "sdpa", average: str = "tokens"
+    model_path: str, corpus: dict, attn: str = "sdpa", average: str = "tokens", adapt=None
 ) -> list[tuple[float, float]]:
     """(loss, grad norm) per step: the token-mean loss over each global batch, in file order,
-    or with ``average="samples"`` the mean over its samples of each sample's token mean."""
+    or with ``average="samples"`` the mean over its samples of each sample's token mean.
+    ``adapt(model)``: changes the loaded model first (e.g. freezes it and adds adapters)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation=attn
     )
+    if adapt:
+        adapt(model)
     tokenizer = load_tokenizer(corpus["tokenizer_path"])
     samples = [tokenize_record(r, tokenizer, MAX_LEN) for r in read_records(corpus["train_path"])]
     decay = [p for p in model.parameters() if p.ndim >= 2]

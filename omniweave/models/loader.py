@@ -24,6 +24,7 @@ from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import shard_parameters
+from omniweave.models.lora import LoraSettings, adapter_init, add_adapters, base_name, is_adapter
 from omniweave.models.omni.model import ENCODER_UNITS, OmniModel
 from omniweave.models.registry import model_from_config, recipe_for
 from omniweave.ops.kernels import apply_kernels, compile_blocks
@@ -59,7 +60,7 @@ def load_hf_config(path: str | None, inline: dict | None, attn: str) -> Pretrain
 
 def build_model(
     config: PretrainedConfig,
-    state: ParallelState,
+    state: ParallelState | None,
     path: str | None = None,
     seed: int = 0,
     dtype: str = "float32",
@@ -69,36 +70,42 @@ def build_model(
     activation_checkpointing: tuple[str, int] = ("none", 1),
     ep_chunks: int = 1,
     kernels: tuple[str, bool] = ("torch", False),
+    lora: LoraSettings | None = None,
 ) -> nn.Module:
-    """Meta-device init, EP, activation checkpointing (mode, every k-th block) and FSDP2 per
-    the family's recipe, then load ``path`` or init from ``seed``. ``grouped_experts``: MoE
-    experts compute with one grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped
-    parts. ``omni``: an OmniModel with these encoders in front (``path`` then holds the
-    foundation only). ``kernels``: ``train.kernels`` and whether to compile each block."""
+    """Meta-device init, LoRA adapters, EP, activation checkpointing (mode, every k-th block)
+    and FSDP2 per the family's recipe, then load ``path`` or init from ``seed``; ``state=None``:
+    one plain CPU model. ``grouped_experts``: MoE experts compute with one grouped GEMM;
+    ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with these
+    encoders in front (``path`` then holds the foundation only; ``train_encoders: false``
+    freezes them). ``kernels``: ``train.kernels`` and whether to compile each block."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = model_from_config(config)
+        if lora:
+            add_adapters(foundation, lora)
         if omni:
             model = OmniModel.from_config(foundation, omni["encoders"])
+            model.encoders.requires_grad_(omni.get("train_encoders", True))
     renamings = checkpoint_renamings(foundation)
     prefix = "foundation." if omni else ""
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:
         units = ENCODER_UNITS + units
-    if state.ep_mesh is not None:
+    if state is not None and state.ep_mesh is not None:
         plan = {prefix + glob: placement for glob, placement in recipe.expert_plan}
         shard_parameters(model, plan, state.ep_mesh)
-    if state.ep_mesh is not None or (grouped_experts and recipe.expert_plan):
-        group = state.ep_mesh.get_group() if state.ep_mesh is not None else None
+    ep_mesh = None if state is None else state.ep_mesh
+    if ep_mesh is not None or (grouped_experts and recipe.expert_plan):
+        group = ep_mesh.get_group() if ep_mesh is not None else None
         apply_expert_parallel(foundation, group, grouped_experts, ep_chunks)
     apply_kernels(foundation, kernels[0])
     apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
     if kernels[1]:
         compile_blocks(foundation, recipe.block_classes)
-    if needs_fsdp(state, dtype, cpu_offload):
+    if state is not None and needs_fsdp(state, dtype, cpu_offload):
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
         apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)
-    model.to_empty(device="cpu" if cpu_offload else state.device)
+    model.to_empty(device="cpu" if cpu_offload or state is None else state.device)
     if not isinstance(foundation.get_input_embeddings().weight, DTensor):
         foundation.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
     _init_buffers(foundation)
@@ -112,6 +119,8 @@ def build_model(
             init_random(model.encoders, seed, std)
     else:
         init_random(model, seed, std)
+    if lora:
+        init_adapters(foundation, seed)
     model.train()
     return model
 
@@ -175,7 +184,7 @@ def load_safetensors(model: nn.Module, path: str, renamings: list = ()) -> None:
     stored = checkpoint_files(path)
     original = {apply_renamings(key, renamings): key for key in stored}  # model's -> file's
     files = {name: stored[key] for name, key in original.items()}
-    params = dict(model.named_parameters())
+    params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
     pieces = {name: _pieces(name, param.shape, files) for name, param in params.items()}
     missing = sorted(name for name, found in pieces.items() if found is None)
     if missing:
@@ -235,9 +244,13 @@ def init_random(model: nn.Module, seed: int, std: float) -> None:
     """HF-style init (normal weights, zero biases, unit norms), identical for every layout.
 
     Each parameter draws from its own generator seeded by ``seed`` and its name,
-    so a sharded rank gets exactly its slice of what one process would draw.
+    so a sharded rank gets exactly its slice of what one process would draw. LoRA adapters
+    are left to ``init_adapters``; the weights they adapt draw as unadapted ones would.
     """
     for name, param, module in _params_with_modules(model):
+        if is_adapter(name):
+            continue
+        name = base_name(name)
         full = torch.empty(param.shape, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if name.endswith("bias"):
@@ -250,6 +263,15 @@ def init_random(model: nn.Module, seed: int, std: float) -> None:
                 full[module.padding_idx] = 0
         index = tuple(slice(start, start + length) for start, length in local_region(param))
         _local(param).copy_(full[index])
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Each LoRA adapter weight of ``model`` set to this rank's region of ``adapter_init``."""
+    for name, param in model.named_parameters():
+        if is_adapter(name):
+            index = tuple(slice(start, start + n) for start, n in local_region(param))
+            _local(param).copy_(adapter_init(name, param.shape, seed)[index])
 
 
 def _params_with_modules(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, nn.Module]]:

@@ -9,14 +9,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from omniweave.models.lora import adapter_scaling, base_name, is_adapter, merge_adapters
+
 WEIGHTS = "model.safetensors"
 
 
 def gather_full_state(model: nn.Module) -> dict:
-    """Every parameter and buffer whole (FSDP and EP shards gathered), on CPU, for rank 0.
-    Collective: every rank calls it."""
+    """Every parameter and buffer whole (FSDP and EP shards gathered), on CPU, for rank 0,
+    named as in the plain model (LoRA adapters merged into their weights). Collective:
+    every rank calls it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    scaling = adapter_scaling(model)
+    return state if scaling is None else merge_adapters(state, scaling)
 
 
 def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
@@ -26,7 +31,7 @@ def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
     path = os.path.join(folder, WEIGHTS)
     if is_main:
         os.makedirs(folder, exist_ok=True)
-        unique = {name for name, _ in model.named_parameters()}  # tied weights once
+        unique = {base_name(n) for n, _ in model.named_parameters() if not is_adapter(n)}
         unique |= {name for name, _ in model.named_buffers()}
         tensors = {name: t.contiguous() for name, t in state.items() if name in unique}
         save_file(tensors, path + ".tmp")

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -140,8 +141,14 @@ class Checkpointer:
         keep_last: int,
         async_save: bool,
         timeout_s: float = 600.0,
+        trained_only: bool = False,
     ):
         self.run, self.folder = output_dir, checkpoints_dir(output_dir)
+        # LoRA: frozen weights come from model.path (or the seed), not from checkpoints; all
+        # names of each (a tied LM head too, which ignore_frozen_params would keep)
+        params = model.named_parameters(remove_duplicate=False)
+        self.frozen = {name for name, p in params if not p.requires_grad} if trained_only else ()
+        self.options = StateDictOptions(strict=not trained_only)
         self.model, self.optimizer = model, optimizer
         self.keep_last, self.async_save = keep_last, async_save
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -160,8 +167,7 @@ class Checkpointer:
                 json.dump({**trainer_state, "step": step, "world_size": self.world_size}, f)
         dist.barrier(group=self.group)
         torch.save(_rng_state(), os.path.join(staging, f"rng_rank{self.rank}.pt"))
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = self._state()
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=staging, process_group=self.group)
             self.pending = (future, staging)
@@ -215,25 +221,36 @@ class Checkpointer:
         checkpoint (an imported HF folder) loads the weights alone."""
         with open(os.path.join(path, "trainer.json")) as f:
             trainer_state = json.load(f)
+        if trainer_state.get("model_only") and self.frozen:
+            raise ValueError(
+                f"{path} holds a whole model; a LoRA run takes its base weights from model.path: "
+                "export it with `omniweave export --format hf` and set model.path to the folder."
+            )
         if trainer_state.get("model_only"):  # `omniweave export --format dcp`: weights only
             # (get_state_dict with the optimizer would initialise Adam's state by a step)
             model_state = get_model_state_dict(self.model)
             dcp.load({"model": model_state}, checkpoint_id=path, process_group=self.group)
             set_model_state_dict(self.model, model_state)
             return trainer_state
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state = self._state()
         dcp.load(state, checkpoint_id=path, process_group=self.group)
         set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
+            options=self.options,
         )
         rng = os.path.join(path, f"rng_rank{self.rank}.pt")
         if trainer_state["world_size"] == self.world_size and os.path.isfile(rng):
             _set_rng_state(torch.load(rng, weights_only=False))
         return trainer_state
+
+    def _state(self) -> dict:
+        """The model's (trained) weights and the optimizer's state, as DCP saves and loads."""
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state = {k: v for k, v in model_state.items() if k not in self.frozen}
+        return {"model": model_state, "optimizer": optimizer_state}
 
 
 def _rng_state() -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from omniweave.config import Config
@@ -15,7 +16,9 @@ from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
+from omniweave.models.lora import LoraSettings, target_names
 from omniweave.models.native import NATIVE_FAMILIES
+from omniweave.models.registry import model_from_config
 from omniweave.ops.attention import check_backend
 from omniweave.ops.kernels import check_kernels
 from omniweave.train.checkpoint import resolve_resume
@@ -40,6 +43,11 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             "model.processor applies only to native multimodal models "
             f"({', '.join(NATIVE_FAMILIES)}); drop it."
         )
+    if cfg.model.lora is not None:
+        check_lora(cfg.model.lora, hf_config)
+    train_encoders = (cfg.model.omni or {}).get("train_encoders", True)
+    if not isinstance(train_encoders, bool):
+        raise ValueError(f"model.omni.train_encoders={train_encoders!r}: use true or false.")
     check_heads(hf_config, degrees.sp)
     check_experts(hf_config, degrees.ep)
     budget = cfg.data.max_tokens_per_microbatch
@@ -62,3 +70,12 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
         )
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     return degrees, hf_config, tokenizer
+
+
+def check_lora(entry: dict, hf_config: PretrainedConfig) -> LoraSettings:
+    """``model.lora``'s settings, its targets checked against the model (built on the meta
+    device: no memory, no weights)."""
+    settings = LoraSettings.from_config(entry)
+    with torch.device("meta"):
+        target_names(model_from_config(hf_config), settings.target_modules)
+    return settings

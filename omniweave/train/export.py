@@ -35,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from omniweave.config import load_config
 from omniweave.data.processors import load_tokenizer
-from omniweave.models.loader import load_hf_config
+from omniweave.models.loader import build_model, load_hf_config
+from omniweave.models.lora import LoraSettings, merge_adapters, write_peft_adapter
 from omniweave.models.native import native_parts, preprocessor_config
 from omniweave.models.omni.model import OmniModel, import_plugins
 from omniweave.models.registry import model_class, model_from_config
@@ -178,9 +179,13 @@ def export_live(
     return out
 
 
-def export_checkpoint(source: str, out: str, dtype: torch.dtype | None = None) -> str:
+def export_checkpoint(
+    source: str, out: str, dtype: torch.dtype | None = None, peft: bool = False
+) -> str:
     """``write_hf`` of a checkpoint folder (or a run folder's latest); the model, tokenizer and
-    OmniModel layout come from the run's ``config.yaml``. Returns the checkpoint used."""
+    OmniModel layout come from the run's ``config.yaml``. A LoRA run's adapters are merged
+    into its base weights, or with ``peft`` written alone as a PEFT adapter folder. Returns
+    the checkpoint used."""
     if os.path.isfile(os.path.join(source, "config.yaml")):
         run, checkpoint = source, resolve_resume("auto", source)
     else:  # OUTPUT/checkpoints/step_N
@@ -194,14 +199,40 @@ def export_checkpoint(source: str, out: str, dtype: torch.dtype | None = None) -
     if not os.path.isfile(config_file):
         raise ValueError(f"no run config at '{config_file}' to say which model '{source}' holds.")
     cfg = load_config(config_file)
+    if peft and (not cfg.model.lora or cfg.model.omni):
+        raise ValueError(
+            f"--format peft writes a LoRA adapter; '{source}' is "
+            + ("an OmniModel run: use --format hf." if cfg.model.lora else "not a LoRA run.")
+        )
     hf_config = load_hf_config(cfg.model.path, cfg.model.config, "sdpa")
+    if peft:
+        lora = LoraSettings.from_config(cfg.model.lora)
+        write_peft_adapter(read_model_state(checkpoint), lora, out, cfg.model.path)
+        return checkpoint
+    state = plain_state(checkpoint, cfg, hf_config)
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     parts = native_parts(hf_config, cfg.model.path, cfg.model.processor)
     write_hf(
-        read_model_state(checkpoint), hf_config, tokenizer, out, cfg.model.omni, dtype,
+        state, hf_config, tokenizer, out, cfg.model.omni, dtype,
         preprocessor=preprocessor_config(parts) if parts else None,
     )  # fmt: skip
     return checkpoint
+
+
+def plain_state(checkpoint: str, cfg, hf_config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights named as in the plain model. A LoRA run's checkpoint holds the
+    adapters only: the frozen weights are rebuilt as the run built them (from ``model.path``
+    or the seed), in this process, and the adapters merged into them."""
+    state = read_model_state(checkpoint)
+    if not cfg.model.lora:
+        return state
+    lora = LoraSettings.from_config(cfg.model.lora)
+    if cfg.model.omni:
+        import_plugins(cfg.model.omni)
+    model = build_model(
+        hf_config, None, cfg.model.path, cfg.train.seed, omni=cfg.model.omni, lora=lora
+    )
+    return merge_adapters({**model.state_dict(), **state}, lora.scaling)
 
 
 def import_hf(source: str, out: str) -> str:

@@ -22,7 +22,7 @@ from omniweave.models.registry import model_class, model_from_config
 from omniweave.models.weights import load_full_weights
 from omniweave.train.checkpoint import resolve_resume
 from omniweave.train.evaluate import turn_ends
-from omniweave.train.export import INDEX, load_omni, read_model_state
+from omniweave.train.export import INDEX, load_omni, plain_state
 
 
 def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]:
@@ -57,7 +57,7 @@ def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]
         import_plugins(omni)
         model = OmniModel.from_config(model, omni["encoders"])
     if checkpoint:
-        model.load_state_dict(read_model_state(checkpoint))
+        model.load_state_dict(plain_state(checkpoint, cfg, hf_config))
     else:
         load_full_weights(model, final)
     if hasattr(model, "tie_weights"):

@@ -30,6 +30,7 @@ from omniweave.distributed.ulysses import (
     split_sequence_inputs,
 )
 from omniweave.models.loader import build_model
+from omniweave.models.lora import LoraSettings
 from omniweave.models.native import NativeInputs, native_parts, preprocessor_config
 from omniweave.models.omni.model import (
     OmniParts,
@@ -90,6 +91,7 @@ class Trainer:
             for modality, decoder in (self.omni_parts.decoders if omni else {}).items()
         }
         t, d = cfg.train, cfg.data
+        self.lora = LoraSettings.from_config(cfg.model.lora) if cfg.model.lora else None
         self.model = build_model(
             hf_config,
             self.state,
@@ -102,6 +104,7 @@ class Trainer:
             (t.activation_checkpointing, t.activation_checkpointing_every),
             ep_chunks=cfg.parallel.ep_chunks,
             kernels=(t.kernels, t.compile),
+            lora=self.lora,
         )
         self.foundation = self.model.foundation if omni else self.model
         self.native = None  # a native multimodal model's media inputs and M-RoPE positions
@@ -183,7 +186,7 @@ class Trainer:
             c = self.cfg.checkpoint
             self.checkpointer = Checkpointer(
                 self.cfg.train.output_dir, self.model, self.optimizer, c.keep_last, c.async_save,
-                self.cfg.parallel.timeout_s,
+                self.cfg.parallel.timeout_s, trained_only=self.lora is not None,
             )  # fmt: skip
         return self.checkpointer
 
@@ -370,8 +373,7 @@ class Trainer:
             sources = self.batches.sources
             print(
                 f"omniweave: {self.state.describe()}; {sum(sources.sizes):,} records in "
-                f"{sum(map(len, sources.shards))} shard(s); "
-                f"{sum(p.numel() for p in self.params) / 1e6:.2f}M parameters"
+                f"{sum(map(len, sources.shards))} shard(s); {self._parameter_counts()}"
             )
         bar = tqdm(
             initial=self.start_step,
@@ -428,6 +430,17 @@ class Trainer:
             if hf:
                 print(f"  Hugging Face export: {hf}")
         return rows
+
+    def _parameter_counts(self) -> str:
+        """'N parameters', or 'T trainable of N parameters (P%)' when some are frozen."""
+        total = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.params)
+        if trained == total:
+            return f"{total / 1e6:.2f}M parameters"
+        return (
+            f"{trained / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
+            f"({100 * trained / total:.2f}%)"
+        )
 
     def _step(self, step: int, steps, bar, rows: list, writer):
         """Train, log and checkpoint one step (its data from ``steps``); a TrainingStopped when
