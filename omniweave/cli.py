@@ -74,7 +74,8 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--max-new-tokens must be >= 1, --temperature >= 0, 0 < --top-p <= 1.")
     text = generate(
-        args.source, args.prompt, args.max_new_tokens, args.chat, args.image,
+        args.source, args.prompt, args.max_new_tokens, args.chat,
+        {"image": args.image, "video": args.video, "audio": args.audio},
         args.temperature, args.top_p, args.seed,
     )  # fmt: skip
     print(text)
@@ -160,9 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--chat", action="store_true", help="apply the chat template")
-    generate.add_argument(
-        "--image", action="append", default=[], help="an image for an OmniModel (repeatable)"
-    )
+    for modality in ("image", "video", "audio"):
+        generate.add_argument(
+            f"--{modality}",
+            action="append",
+            default=[],
+            help=f"a file for the model's {modality} encoder (repeatable); the prompt gets a "
+            f"<{modality}> marker per file unless it has one",
+        )
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)

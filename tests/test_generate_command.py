@@ -111,3 +111,46 @@ def test_an_omni_model_answers_from_the_image(corpus, tmp_path):
     text_only = _generate(tmp_path / "run", "--prompt", "hello", "--image", "x.png")
     assert text_only.returncode == 2  # a missing image file is one line
     assert len(text_only.stderr.splitlines()) == 1, text_only.stderr
+
+
+def test_a_native_multimodal_model_generates_from_an_image_as_transformers_does(corpus, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from omniweave.data.processors import load_tokenizer
+    from omniweave.models.loader import load_hf_config
+    from omniweave.models.native import native_parts
+    from omniweave.train.evaluate import turn_ends
+    from tests.models import tiny_qwen2_vl
+
+    model = tiny_qwen2_vl(seed=3, image_token=512).eval()
+    tokenizer = load_tokenizer(corpus["tokenizer_path"])
+    model.save_pretrained(tmp_path / "vl")
+    tokenizer.save_pretrained(tmp_path / "vl")
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    ours = _generate(tmp_path / "vl", "--prompt", PROMPT, "--image", str(tmp_path / "x.png"))
+    assert ours.returncode == 0, ours.stderr
+
+    # transformers' generate on the image's pixels and the processor's token layout
+    parts = native_parts(load_hf_config(str(tmp_path / "vl"), None, "sdpa"), None, None)
+    image = parts.encoders["image"].load_item(str(tmp_path / "x.png"))
+    placeholders = int(image.grid_thw.prod()) // 4  # 2 x 2 patches merge into one token
+    ids = [
+        514,
+        *[512] * placeholders,
+        515,
+        *tokenizer(PROMPT, add_special_tokens=False)["input_ids"],
+    ]
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = model.generate(
+            ids, pixel_values=image.pixel_values, image_grid_thw=image.grid_thw,
+            do_sample=False, max_new_tokens=64, eos_token_id=sorted(turn_ends(tokenizer)),
+        )  # fmt: skip
+    expected = tokenizer.decode(theirs[0, ids.shape[1] :], skip_special_tokens=True)
+    assert expected and ours.stdout == expected + "\n"
+    no_image = _generate(tmp_path / "vl", "--prompt", PROMPT)
+    assert no_image.returncode == 0 and no_image.stdout != ours.stdout  # the image counts
+    audio = _generate(tmp_path / "vl", "--prompt", PROMPT, "--audio", str(tmp_path / "x.png"))
+    assert audio.returncode == 2 and "encoders are ['image', 'video']" in audio.stderr

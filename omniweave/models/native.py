@@ -209,6 +209,37 @@ def _audio_inputs(items: list[AudioItem]) -> dict:
     return {"input_features": features, "feature_attention_mask": mask}
 
 
+def media_inputs(media: dict[str, list]) -> dict[str, torch.Tensor]:
+    """The model's media arguments (pixels, grids, audio features) for loaded items."""
+    inputs = _vision_inputs("image", media.get("image", []))
+    inputs.update(_vision_inputs("video", media.get("video", [])))
+    inputs.update(_audio_inputs(media.get("audio", [])))
+    return inputs
+
+
+MODALITY_TYPES = {"image": 1, "video": 2}  # transformers' mm_token_type_ids
+SECONDS_PER_GRID = {  # the argument of the clips' seconds per temporal patch, where one is
+    "qwen2_5_vl": "second_per_grid_ts",
+    "qwen2_5_omni_thinker": "video_second_per_grid",
+}
+
+
+def prompt_inputs(config, parts: OmniParts, ids: torch.Tensor, media: dict) -> dict:
+    """``generate``'s arguments besides ``input_ids`` for a prompt ``[1, tokens]``: the media,
+    each token's modality (Qwen2-VL's and Qwen2.5-VL's M-RoPE) and the clips' seconds per
+    temporal patch."""
+    inputs = media_inputs(media)
+    if config.model_type != "qwen2_5_omni_thinker":  # the thinker finds its media itself
+        types = torch.zeros_like(ids)
+        for modality, placeholder in parts.placeholders.items():
+            types += MODALITY_TYPES[modality] * (ids == placeholder).long()
+        inputs["mm_token_type_ids"] = types
+    seconds = [item.seconds_per_grid for item in media.get("video", [])]
+    if seconds and config.model_type in SECONDS_PER_GRID:
+        inputs[SECONDS_PER_GRID[config.model_type]] = torch.tensor(seconds)
+    return inputs
+
+
 class NativeInputs:
     """The model inputs of a micro-batch beyond its token ids, for a native model."""
 
@@ -242,10 +273,7 @@ class NativeInputs:
                     used[modality] += 1
                 items[modality] = media.get(modality, [])[first : used[modality]]
             positions[:, row, start : start + length] = self._rope(ids, items)[:, 0]
-        inputs = {"position_ids": positions}
-        inputs.update(_vision_inputs("image", media.get("image", [])))
-        inputs.update(_vision_inputs("video", media.get("video", [])))
-        inputs.update(_audio_inputs(media.get("audio", [])))
+        inputs = {"position_ids": positions, **media_inputs(media)}
         return {key: value.to(device) for key, value in inputs.items()}
 
     def _rope(self, ids: torch.Tensor, items: dict[str, list]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from omniweave.config import load_config
 from omniweave.data.processors import load_tokenizer, tokenize_multimodal
 from omniweave.models.loader import load_hf_config
+from omniweave.models.native import native_parts, prompt_inputs
 from omniweave.models.omni.decoders import greedy_decode
 from omniweave.models.omni.model import OmniModel, OmniParts, build_decoders, import_plugins
 from omniweave.models.registry import model_class, model_from_config
@@ -31,9 +32,9 @@ def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]
         model = load_omni(source)
         return model, load_tokenizer(source), _parts(model, {})
     if os.path.isfile(os.path.join(source, "config.json")):
-        config_type = load_hf_config(source, None, "sdpa").model_type
-        model = model_class(config_type).from_pretrained(source, dtype=torch.float32)
-        return model.eval(), load_tokenizer(source), None
+        config = load_hf_config(source, None, "sdpa")
+        model = model_class(config.model_type).from_pretrained(source, dtype=torch.float32)
+        return model.eval(), load_tokenizer(source), native_parts(config, source, None)
     run, checkpoint = source, None
     if not os.path.isfile(os.path.join(source, "config.yaml")):  # OUTPUT/checkpoints/step_N
         run, checkpoint = os.path.dirname(os.path.dirname(os.path.abspath(source))), source
@@ -63,7 +64,9 @@ def load_source(source: str) -> tuple[torch.nn.Module, object, OmniParts | None]
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    return model.eval(), tokenizer, _parts(model, omni.get("decoders", {})) if omni else None
+    if omni:
+        return model.eval(), tokenizer, _parts(model, omni.get("decoders", {}))
+    return model.eval(), tokenizer, native_parts(hf_config, cfg.model.path, cfg.model.processor)
 
 
 def _parts(model: OmniModel, decoders: dict) -> OmniParts:
@@ -77,20 +80,27 @@ def generate(
     prompt: str,
     max_new_tokens: int = 64,
     chat: bool = False,
-    images: list[str] = (),
+    media: dict[str, list[str]] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> str:
-    """The continuation of ``prompt`` (greedy when ``temperature`` is 0), as text."""
+    """The continuation of ``prompt`` (greedy when ``temperature`` is 0), as text. ``media``:
+    modality -> files, for an OmniModel's encoders or a native multimodal model; a prompt
+    without a ``<modality>`` marker gets one per file in front."""
     if not prompt:
         raise ValueError("--prompt is empty; give the text to continue.")
     model, tokenizer, parts = load_source(source)
-    if images and parts is None:
-        raise ValueError(f"--image needs an OmniModel with an image encoder; '{source}' has none.")
-    if images and "image" not in parts.encoders:
-        raise ValueError(f"--image: the model's encoders are {sorted(parts.encoders)}.")
-    markers = "".join("<image>" for _ in images if "<image>" not in prompt)
+    media = {modality: files for modality, files in (media or {}).items() if files}
+    for modality in media:
+        if parts is None or modality not in parts.encoders:
+            has = sorted(parts.encoders) if parts else "none"
+            raise ValueError(f"--{modality}: the model's media encoders are {has}.")
+    markers = "".join(
+        f"<{modality}>" * len(files)
+        for modality, files in media.items()
+        if f"<{modality}>" not in prompt
+    )
     text = markers + prompt
     if chat:
         if not tokenizer.chat_template:
@@ -115,12 +125,39 @@ def generate(
                 model, {"input_ids": torch.tensor([ids])}, max_new_tokens, choose
             )
         else:
-            record = {"text": text, "media": {"image": [os.path.abspath(p) for p in images]}}
+            files = {
+                modality: [os.path.abspath(p) for p in paths] for modality, paths in media.items()
+            }
+            record = {"text": text, "media": files}
             tokens = tokenize_multimodal(record, tokenizer, parts, os.getcwd())
-            embeds = model.embed(torch.tensor([tokens["input_ids"][:-1]]), tokens["media"])
-            lm = model.foundation
-            chosen = greedy_decode(lm, {"inputs_embeds": embeds}, max_new_tokens, choose)
+            ids = torch.tensor([tokens["input_ids"][:-1]])  # without the end-of-text token
+            if isinstance(model, OmniModel):
+                embeds = model.embed(ids, tokens["media"])
+                inputs = {"inputs_embeds": embeds}
+                chosen = greedy_decode(model.foundation, inputs, max_new_tokens, choose)
+            else:  # a native model: transformers places its M-RoPE positions, step by step
+                inputs = prompt_inputs(model.config, parts, ids, tokens["media"])
+                chosen = _hf_generate(model, ids, inputs, max_new_tokens, choose, stops)
     return tokenizer.decode(chosen, skip_special_tokens=True)
+
+
+def _hf_generate(model, ids: torch.Tensor, inputs: dict, steps: int, choose, stops) -> list[int]:
+    """``model.generate`` with each token picked by ``choose`` (None: stop), for the models
+    whose positions only transformers' ``generate`` knows how to advance."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Chosen(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            token = choose(scores[0])
+            forced = torch.full_like(scores, float("-inf"))
+            forced[0, min(stops) if token is None else token] = 0.0
+            return forced
+
+    out = model.generate(
+        ids, **inputs, max_new_tokens=steps, do_sample=False,
+        logits_processor=LogitsProcessorList([Chosen()]), eos_token_id=sorted(stops) or None,
+    )  # fmt: skip
+    return [token for token in out[0, ids.shape[1] :].tolist() if token not in stops]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
