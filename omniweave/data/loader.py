@@ -121,7 +121,7 @@ class StepData:
 
 class StepBatches(torch.utils.data.Dataset):
     """``self[step]``: this rank's ``StepData`` of optimizer step ``step``, fixed micro-batches
-    or a token budget, padded or packed rows, each a multiple of ``multiple`` (the SP degree)
+    or a token budget, padded or packed rows, each a multiple of ``multiple`` (SP x TP degree)
     long."""
 
     def __init__(
@@ -304,7 +304,7 @@ def build_step_batches(cfg, state, tokenizer, omni, attention_weight: float) -> 
         micro_batch_size=t.micro_batch_size,
         budget=None if budget is None else (budget, d.budget_counts),
         packing=d.packing,
-        multiple=state.degrees.sp,
+        multiple=state.degrees.sp * state.degrees.tp,
         skip_bad=d.on_bad_sample == "skip",
         attention_weight=attention_weight,
     )

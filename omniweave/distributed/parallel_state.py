@@ -1,9 +1,11 @@
 """ParallelState: the one device mesh, its named axes and the groups derived from it.
 
 Axes, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP
-shards), ``sp`` (Ulysses sequence parallel). ``dp_shard`` is always materialised;
-the others only when their degree exceeds 1. ``ep`` is not a mesh axis of its own:
-expert-parallel groups are carved out of the FSDP ranks (``dp_shard x sp``).
+shards), ``sp`` (Ulysses sequence parallel), ``tp`` (tensor parallel). ``dp_shard`` is
+always materialised; the others only when their degree exceeds 1. ``tp`` is innermost:
+its collectives run in every block, so its ranks are adjacent (one node, fastest links).
+``ep`` is not a mesh axis of its own: expert-parallel groups are carved out of the FSDP
+ranks (``dp_shard x sp``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Degrees:
     dp_shard: int
     sp: int
     ep: int
+    tp: int = 1
 
     @property
     def fsdp(self) -> int:
@@ -39,32 +42,43 @@ class Degrees:
 
 
 def resolve_degrees(
-    world_size: int, dp_replicate: int = 1, dp_shard: int = -1, sp: int = 1, ep: int = 1
+    world_size: int,
+    dp_replicate: int = 1,
+    dp_shard: int = -1,
+    sp: int = 1,
+    ep: int = 1,
+    tp: int = 1,
 ) -> Degrees:
     """Fill in ``dp_shard=-1`` and check every degree; raise ValueError saying what to change."""
-    for name, value in (("dp_replicate", dp_replicate), ("sp", sp), ("ep", ep)):
+    for name, value in (("dp_replicate", dp_replicate), ("sp", sp), ("ep", ep), ("tp", tp)):
         if value < 1:
             raise ValueError(f"parallel.{name}={value}: degrees must be >= 1.")
     if dp_shard == -1:
-        fixed = dp_replicate * sp
+        fixed = dp_replicate * sp * tp
         if world_size % fixed:
             raise ValueError(
-                f"parallel.dp_replicate x parallel.sp = {dp_replicate} x {sp} = {fixed} does not "
-                f"divide the world size {world_size}; choose degrees whose product divides "
+                f"parallel.dp_replicate x sp x tp = {dp_replicate} x {sp} x {tp} = {fixed} does "
+                f"not divide the world size {world_size}; choose degrees whose product divides "
                 f"{world_size} (or change the number of processes)."
             )
         dp_shard = world_size // fixed
     elif dp_shard < 1:
         raise ValueError(f"parallel.dp_shard={dp_shard}: use a degree >= 1, or -1 for the rest.")
-    product = dp_replicate * dp_shard * sp
+    product = dp_replicate * dp_shard * sp * tp
     if product != world_size:
         raise ValueError(
-            f"parallel.dp_replicate x dp_shard x sp = {dp_replicate} x {dp_shard} x {sp} = "
-            f"{product}, but {world_size} processes are running; make the product equal the "
-            f"number of processes (start {product} with --nproc {product} or torchrun), or set "
-            "parallel.dp_shard=-1 to use whatever is left."
+            f"parallel.dp_replicate x dp_shard x sp x tp = {dp_replicate} x {dp_shard} x {sp} x "
+            f"{tp} = {product}, but {world_size} processes are running; make the product equal "
+            f"the number of processes (start {product} with --nproc {product} or torchrun), or "
+            "set parallel.dp_shard=-1 to use whatever is left."
         )
-    degrees = Degrees(dp_replicate, dp_shard, sp, ep)
+    if tp > 1 and (sp > 1 or ep > 1):
+        raise ValueError(
+            f"parallel.tp={tp} with parallel.sp={sp} / parallel.ep={ep}: tensor parallelism does "
+            "not compose with Ulysses or expert parallelism yet; use tp with dp_shard and "
+            "dp_replicate."
+        )
+    degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp)
     if degrees.fsdp % ep:
         raise ValueError(
             f"parallel.ep={ep} must divide the FSDP ranks dp_shard x sp = {degrees.fsdp}; "
@@ -136,7 +150,7 @@ class ParallelState:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         axes = [("dp_replicate", degrees.dp_replicate), ("dp_shard", degrees.dp_shard)]
-        axes.append(("sp", degrees.sp))
+        axes += [("sp", degrees.sp), ("tp", degrees.tp)]
         axes = [(name, size) for name, size in axes if size > 1 or name == "dp_shard"]
         self.mesh: DeviceMesh = init_device_mesh(
             device.type,
@@ -180,6 +194,11 @@ class ParallelState:
         return self.sharding_mesh if self.degrees.ep == 1 else self.expert_fsdp_mesh
 
     @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The ranks that split each layer's weights (None without tensor parallelism)."""
+        return self.mesh["tp"] if self.degrees.tp > 1 else None
+
+    @property
     def sp_group(self) -> dist.ProcessGroup | None:
         """The ranks that split one sequence (None without sequence parallelism)."""
         return self.mesh["sp"].get_group() if self.degrees.sp > 1 else None
@@ -196,7 +215,8 @@ class ParallelState:
 
     def describe(self) -> str:
         d = self.degrees
+        tp = f" tp={d.tp}" if d.tp > 1 else ""
         return (
             f"world={self.world_size} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
-            f"sp={d.sp} ep={d.ep} device={self.device.type}"
+            f"sp={d.sp} ep={d.ep}{tp} device={self.device.type}"
         )

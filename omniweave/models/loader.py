@@ -24,6 +24,7 @@ from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.plan import shard_parameters
+from omniweave.distributed.tensor_parallel import apply_tensor_parallel
 from omniweave.models.lora import LoraSettings, adapter_init, add_adapters, base_name, is_adapter
 from omniweave.models.omni.model import ENCODER_UNITS, OmniModel
 from omniweave.models.registry import model_from_config, recipe_for
@@ -91,6 +92,8 @@ def build_model(
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:
         units = ENCODER_UNITS + units
+    if state is not None and state.tp_mesh is not None:
+        apply_tensor_parallel(foundation, state.tp_mesh)
     if state is not None and state.ep_mesh is not None:
         plan = {prefix + glob: placement for glob, placement in recipe.expert_plan}
         shard_parameters(model, plan, state.ep_mesh)
@@ -102,12 +105,13 @@ def build_model(
     apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
     if kernels[1]:
         compile_blocks(foundation, recipe.block_classes)
-    if state is not None and needs_fsdp(state, dtype, cpu_offload):
+    fsdp = state is not None and needs_fsdp(state, dtype, cpu_offload)
+    if fsdp:
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
         apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)
     model.to_empty(device="cpu" if cpu_offload or state is None else state.device)
-    if not isinstance(foundation.get_input_embeddings().weight, DTensor):
-        foundation.tie_weights()  # to_empty breaks tying of plain modules; FSDP keeps it
+    if not fsdp:
+        foundation.tie_weights()  # to_empty breaks tying of unwrapped modules; FSDP keeps it
     _init_buffers(foundation)
     for module in model.modules():
         if hasattr(module, "reset_buffers"):

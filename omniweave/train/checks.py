@@ -14,6 +14,7 @@ from omniweave.data.processors import load_tokenizer
 from omniweave.data.sources import check_sources, source_specs
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
+from omniweave.distributed.tensor_parallel import check_tensor_parallel
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
 from omniweave.models.lora import LoraSettings, target_names
@@ -27,7 +28,7 @@ from omniweave.train.checkpoint import resolve_resume
 def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
     p = cfg.parallel
-    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep)
+    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep, p.tp)
     check_backend(cfg.model.attn_implementation)
     check_kernels(cfg.train.kernels)
     resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
@@ -49,6 +50,19 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     if not isinstance(train_encoders, bool):
         raise ValueError(f"model.omni.train_encoders={train_encoders!r}: use true or false.")
     check_heads(hf_config, degrees.sp)
+    if degrees.tp > 1 and (native or cfg.model.omni or cfg.model.lora):
+        raise ValueError(
+            f"parallel.tp={degrees.tp} does not compose with multimodal models or model.lora "
+            "yet; use parallel.tp=1 (FSDP, Ulysses and EP do)."
+        )
+    if degrees.tp > 1:
+        with torch.device("meta"):
+            check_tensor_parallel(model_from_config(hf_config), degrees.tp)
+    if degrees.tp > 1 and cfg.train.cross_entropy == "chunked":
+        raise ValueError(
+            "train.cross_entropy=chunked with parallel.tp > 1: the vocabulary-parallel loss "
+            "never builds full logits either; use train.cross_entropy=naive."
+        )
     check_experts(hf_config, degrees.ep)
     budget = cfg.data.max_tokens_per_microbatch
     if budget is not None and budget < cfg.data.max_seq_len:

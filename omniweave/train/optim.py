@@ -7,7 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -49,10 +49,15 @@ def build_scheduler(
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (plain or DTensor, any meshes); clip when max_norm > 0.
 
-    Gradients are grouped by mesh and placements: each group's local sum of squares
-    is summed over the mesh dims that shard it, and the groups combine as the root
-    of the total.
+    Partial gradients (tensor parallelism's replicated weights) are summed first. Then
+    gradients are grouped by mesh and placements: each group's local sum of squares is
+    summed over the mesh dims that shard it, and the groups combine as the root of the total.
     """
+    for param in params:  # tensor parallel: a replicated weight's gradient is a partial sum
+        grad = param.grad
+        if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            whole = [Replicate() if p.is_partial() else p for p in grad.placements]
+            param.grad = grad.redistribute(placements=whole)
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict[tuple, list[torch.Tensor]] = {}
     for grad in grads:
@@ -61,14 +66,16 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     squares = []
     for key, group in groups.items():
         local = [g.to_local() for g in group] if key else group
-        square = torch.nn.utils.get_total_norm(local, norm_type=2.0, foreach=True).float() ** 2
+        # float64: float32 sums over millions of entries drift by ~1e-5 (layouts then disagree)
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in local]
+        square = torch.stack(norms).square().sum()
         if key:  # sum over the mesh dims that split the gradients; replicas hold copies
             mesh, placements = key
             for dim, placement in enumerate(placements):
                 if not placement.is_replicate():  # Shard or FSDP's _StridedShard
                     dist.all_reduce(square, group=mesh.get_group(dim))
         squares.append(square)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    total = torch.stack(squares).sum().sqrt().float() if squares else torch.tensor(0.0)
     coefficient = max_norm / (float(total) + 1e-6)
     if max_norm > 0 and coefficient < 1.0:
         for grad in grads:

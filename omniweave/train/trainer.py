@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,8 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
 from omniweave.config import Config, save_config
@@ -114,7 +117,7 @@ class Trainer:
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
             self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
-        if degrees.sp > 1 or d.packing:
+        if degrees.sp > 1 or degrees.tp > 1 or d.packing:  # tp: masks of local length
             apply_sequence_attention(
                 self.model,
                 cfg.model.attn_implementation,
@@ -125,6 +128,7 @@ class Trainer:
             stack = self.model.model.language_model if self.native else self.foundation.model
             split_sequence_inputs(stack, self.state.sp_group)
         self.hf_config = hf_config
+        self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
         self.router_loss = (
             RouterLoss(self.foundation, self.state.loss_mesh.get_group())
             if is_moe(self.model)
@@ -274,7 +278,8 @@ class Trainer:
                 expert_counts = (
                     expert_tokens if expert_counts is None else expert_counts + expert_tokens
                 )
-            loss.backward()
+            with self.loss_context():
+                loss.backward()
             loss_sum += token_loss.detach()
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
@@ -353,12 +358,15 @@ class Trainer:
         if self.loss_head is not None:
             token_losses = outputs.logits.flatten()
         else:
-            token_losses = F.cross_entropy(
-                outputs.logits.float().flatten(0, 1),
-                targets,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
+            with self.loss_context():  # tp: logits split over the vocabulary, loss in place
+                token_losses = F.cross_entropy(
+                    outputs.logits.float().flatten(0, 1),
+                    targets,
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                )
+            if isinstance(token_losses, DTensor):
+                token_losses = token_losses.to_local()
         router_logits = outputs.router_logits if self.router_loss is not None else None
         return token_losses, targets, router_logits
 

@@ -1,0 +1,118 @@
+"""Tensor parallelism (``parallel.tp``): the unmodified HF model split by its own plan trains
+the curve of the plain model in a plain PyTorch loop, alone and under FSDP, padded and
+packed; its checkpoints resume on a layout without tensor parallelism and the reverse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omniweave.config import load_config
+from tests.distributed import run_distributed
+from tests.models import TINY, hf_model
+from tests.test_parity import _assert_close, _overrides, _train_runs, reference_losses
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for family in ("qwen2", "llama"):  # qwen2: GQA (4 heads, 2 KV heads), tied embeddings
+        paths[family] = str(tmp_path_factory.mktemp(family))
+        hf_model(family, seed=1).save_pretrained(paths[family])
+    return paths
+
+
+def test_tensor_parallel_matches_the_unsharded_reference(models, corpus, tmp_path):
+    layouts = {
+        2: {
+            "tp=2": {"parallel.tp": 2, "train.micro_batch_size": 4},
+            "tp=2 packed": {"parallel.tp": 2, "data.packing": True, "train.micro_batch_size": 8},
+        },
+        4: {
+            "tp=2 x dp_shard=2": {"parallel.tp": 2, "parallel.dp_shard": 2},
+            "tp=2 x dp_shard=2 packed, checkpointed": {
+                "parallel.tp": 2,
+                "parallel.dp_shard": 2,
+                "data.packing": True,
+                "train.activation_checkpointing": "full",
+            },
+        },
+    }
+    curves = {}
+    for processes, runs in layouts.items():
+        named = [
+            (f"{family} {name}", _overrides(path, corpus, str(tmp_path / f"{family}{i}"), **extra))
+            for family, path in models.items()
+            for i, (name, extra) in enumerate(runs.items())
+        ]
+        per_rank = run_distributed(_train_runs, processes, named)
+        assert all(rank == per_rank[0] for rank in per_rank), "ranks disagree"
+        curves.update(per_rank[0])
+    for family, path in models.items():
+        reference = reference_losses(path, corpus)
+        for name, curve in curves.items():
+            if name.startswith(family):
+                _assert_close(curve, reference, name)
+
+
+def _losses(runs: list[list[str]]) -> list[list[float]]:
+    from omniweave.train.trainer import Trainer
+
+    return [[row["loss"] for row in Trainer(load_config(None, args)).run()] for args in runs]
+
+
+def _args(corpus: dict, out: str, **settings) -> list[str]:
+    base = {
+        "model.config": TINY["llama"],
+        "data.train_path": corpus["train_path"],
+        "data.tokenizer_path": corpus["tokenizer_path"],
+        "data.max_seq_len": 64,
+        "train.output_dir": out,
+        "train.max_steps": 6,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.lr": 3e-3,
+        "train.peak_flops": 1e12,
+        "checkpoint.every_steps": 3,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "log.plot": False,
+    }
+    return [f"--{key}={json.dumps(value)}" for key, value in {**base, **settings}.items()]
+
+
+def test_checkpoints_reshard_between_tensor_parallel_and_fsdp(corpus, tmp_path):
+    tp = {"parallel.tp": 2, "parallel.dp_shard": 2}
+    fsdp = {"parallel.dp_shard": 4}
+    runs = []
+    for first, then, name in ((tp, fsdp, "tp_to_fsdp"), (fsdp, tp, "fsdp_to_tp")):
+        straight = str(tmp_path / name / "straight")
+        saved = f"{straight}/checkpoints/step_00000003"
+        resumed = _args(
+            corpus, str(tmp_path / name / "resumed"), **then, **{"checkpoint.resume": saved}
+        )
+        runs.append((_args(corpus, straight, **first), resumed))
+    for straight, resumed in runs:
+        (losses,) = run_distributed(_losses, 4, [straight])[0]
+        (continued,) = run_distributed(_losses, 4, [resumed])[0]
+        assert len(continued) == 3
+        for a, b in zip(losses[3:], continued, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)
+
+
+def test_tensor_parallel_mistakes_are_one_line_errors(corpus, tmp_path):
+    from omniweave.train.checks import validate
+
+    def error(world: int, model: str = "llama", **settings) -> str:
+        cfg = load_config(
+            None, _args(corpus, str(tmp_path / "x"), **{"model.config": TINY[model]}, **settings)
+        )
+        with pytest.raises(ValueError) as caught:
+            validate(cfg, world)
+        return str(caught.value)
+
+    assert "must divide the model's 4 attention heads" in error(3, **{"parallel.tp": 3})
+    assert "with parallel.sp=2" in error(4, **{"parallel.tp": 2, "parallel.sp": 2})
+    assert "qwen3_moe" in error(2, "qwen3_moe", **{"parallel.tp": 2})
+    assert "chunked" in error(2, **{"parallel.tp": 2, "train.cross_entropy": "chunked"})
