@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -50,16 +50,15 @@ def config_file(tmp_path_factory, corpus) -> str:
     ],
 )
 def test_cli_errors_are_one_paragraph(config_file, arguments, expected):
-    result = subprocess.run(
-        [sys.executable, "-m", "omniweave.cli", "train", config_file, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert result.stderr.strip().count("\n") == 0, result.stderr  # one paragraph
+    from omniweave.cli import main
+
+    out, err = io.StringIO(), io.StringIO()  # in this process: each fails before any group
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", config_file, *arguments])
+    assert code != 0
+    assert expected in err.getvalue()
+    assert "Traceback" not in err.getvalue() + out.getvalue()
+    assert err.getvalue().strip().count("\n") == 0, err.getvalue()  # one paragraph
 
 
 def test_degrees_fill_and_validate():

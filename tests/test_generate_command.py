@@ -3,6 +3,8 @@ checkpoint and its HF export give the same text; mistakes are one line."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -15,8 +17,15 @@ PROMPT = "the quick brown fox"
 
 
 def _generate(source, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "omniweave.cli", "generate", str(source)]
-    return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300)
+    """``omniweave generate`` in this process (no interpreter start-up per call), with the
+    exit code, stdout and stderr a subprocess would give."""
+    from omniweave.cli import main
+
+    argv = ["generate", str(source), *extra]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def test_greedy_generation_matches_transformers_generate(corpus, tmp_path):
@@ -50,6 +59,8 @@ def test_greedy_generation_matches_transformers_generate(corpus, tmp_path):
 
 
 def test_a_run_its_checkpoint_and_its_hf_export_generate_alike(corpus, tmp_path):
+    from omniweave.cli import main
+
     config = {
         "model": {"config": TINY["qwen2"]},
         "data": {**corpus, "max_seq_len": 64},
@@ -61,8 +72,7 @@ def test_a_run_its_checkpoint_and_its_hf_export_generate_alike(corpus, tmp_path)
     (tmp_path / "run.yaml").write_text(json.dumps(config))
     train = [sys.executable, "-m", "omniweave.cli", "train", str(tmp_path / "run.yaml")]
     assert subprocess.run(train, capture_output=True).returncode == 0
-    export = [sys.executable, "-m", "omniweave.cli", "export", str(tmp_path / "run")]
-    subprocess.run([*export, "--format", "hf", str(tmp_path / "hf")], check=True)
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", str(tmp_path / "hf")]) == 0
     sources = [tmp_path / "run", tmp_path / "run/checkpoints/step_00000004", tmp_path / "hf"]
     texts = [_generate(s, "--prompt", PROMPT, "--max-new-tokens", "8").stdout for s in sources]
     assert texts[0] and texts[0] == texts[1] == texts[2]
