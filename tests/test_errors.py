@@ -69,8 +69,8 @@ def test_degrees_fill_and_validate():
     with pytest.raises(ValueError, match="2 x 1 x 1 x 1 = 2, but 4 processes"):
         resolve_degrees(4, dp_replicate=2, dp_shard=1)
     assert resolve_degrees(8, dp_replicate=2, tp=2).dp_shard == 2
-    with pytest.raises(ValueError, match="tp=2 with parallel.sp=2"):
-        resolve_degrees(4, sp=2, tp=2)
+    with pytest.raises(ValueError, match="tp=2 with parallel.ep=2"):
+        resolve_degrees(4, ep=2, tp=2)
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
         resolve_degrees(4, dp_replicate=2, ep=4)
     with pytest.raises(ValueError, match=r"HSDP\) is not supported"):

@@ -1,6 +1,7 @@
 """Tensor parallelism (``parallel.tp``): the unmodified HF model split by its own plan trains
-the curve of the plain model in a plain PyTorch loop, alone and under FSDP, padded and
-packed; its checkpoints resume on a layout without tensor parallelism and the reverse."""
+the curve of the plain model in a plain PyTorch loop, alone, under FSDP and with Ulysses,
+padded and packed; its checkpoints resume on a layout without tensor parallelism and the
+reverse."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def test_tensor_parallel_matches_the_unsharded_reference(models, corpus, tmp_pat
         },
         4: {
             "tp=2 x dp_shard=2": {"parallel.tp": 2, "parallel.dp_shard": 2},
+            "tp=2 x sp=2 packed": {"parallel.tp": 2, "parallel.sp": 2, "data.packing": True},
             "tp=2 x dp_shard=2 packed, checkpointed": {
                 "parallel.tp": 2,
                 "parallel.dp_shard": 2,
@@ -93,9 +95,9 @@ def test_checkpoints_reshard_between_tensor_parallel_and_fsdp(corpus, tmp_path):
             corpus, str(tmp_path / name / "resumed"), **then, **{"checkpoint.resume": saved}
         )
         runs.append((_args(corpus, straight, **first), resumed))
-    for straight, resumed in runs:
-        (losses,) = run_distributed(_losses, 4, [straight])[0]
-        (continued,) = run_distributed(_losses, 4, [resumed])[0]
+    straight = run_distributed(_losses, 4, [first for first, _ in runs])[0]
+    resumed = run_distributed(_losses, 4, [then for _, then in runs])[0]
+    for losses, continued in zip(straight, resumed, strict=True):
         assert len(continued) == 3
         for a, b in zip(losses[3:], continued, strict=True):
             assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)
@@ -113,6 +115,6 @@ def test_tensor_parallel_mistakes_are_one_line_errors(corpus, tmp_path):
         return str(caught.value)
 
     assert "must divide the model's 4 attention heads" in error(3, **{"parallel.tp": 3})
-    assert "with parallel.sp=2" in error(4, **{"parallel.tp": 2, "parallel.sp": 2})
+    assert "sp=2 x parallel.tp=4 must divide" in error(8, **{"parallel.tp": 4, "parallel.sp": 2})
     assert "qwen3_moe" in error(2, "qwen3_moe", **{"parallel.tp": 2})
     assert "chunked" in error(2, **{"parallel.tp": 2, "train.cross_entropy": "chunked"})

@@ -72,11 +72,10 @@ def resolve_degrees(
             f"the number of processes (start {product} with --nproc {product} or torchrun), or "
             "set parallel.dp_shard=-1 to use whatever is left."
         )
-    if tp > 1 and (sp > 1 or ep > 1):
+    if tp > 1 and ep > 1:
         raise ValueError(
-            f"parallel.tp={tp} with parallel.sp={sp} / parallel.ep={ep}: tensor parallelism does "
-            "not compose with Ulysses or expert parallelism yet; use tp with dp_shard and "
-            "dp_replicate."
+            f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
+            "expert parallelism yet; use tp with dp_shard, dp_replicate and sp."
         )
     degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp)
     if degrees.fsdp % ep:

@@ -94,13 +94,15 @@ def make_attention(backend: str, group, prefetched: dict | None = None) -> calla
     return attention
 
 
-def check_heads(config: PretrainedConfig, sp: int) -> None:
-    """``sp`` must divide the query heads (KV heads are replicated as needed)."""
+def check_heads(config: PretrainedConfig, sp: int, tp: int = 1) -> None:
+    """``sp`` must divide each tensor-parallel rank's query heads (KV heads are replicated as
+    needed)."""
     heads = config.get_text_config().num_attention_heads
-    if heads % sp:
+    if heads % (sp * tp):
+        split = f"parallel.sp={sp} x parallel.tp={tp}" if tp > 1 else f"parallel.sp={sp}"
         raise ValueError(
-            f"parallel.sp={sp} must divide the model's {heads} attention heads; choose an sp "
-            f"among the divisors of {heads}."
+            f"{split} must divide the model's {heads} attention heads; choose degrees whose "
+            f"product divides {heads}."
         )
 
 

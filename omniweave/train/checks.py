@@ -49,7 +49,7 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     train_encoders = (cfg.model.omni or {}).get("train_encoders", True)
     if not isinstance(train_encoders, bool):
         raise ValueError(f"model.omni.train_encoders={train_encoders!r}: use true or false.")
-    check_heads(hf_config, degrees.sp)
+    check_heads(hf_config, degrees.sp, degrees.tp)
     if degrees.tp > 1 and (native or cfg.model.omni or cfg.model.lora):
         raise ValueError(
             f"parallel.tp={degrees.tp} does not compose with multimodal models or model.lora "
