@@ -29,7 +29,10 @@ def config_file(tmp_path_factory, corpus) -> str:
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
-        (["--nproc", "4", "--parallel.sp=3"], "parallel.dp_replicate x sp x tp = 1 x 3 x 1"),
+        (
+            ["--nproc", "4", "--parallel.sp=3"],
+            "parallel.dp_replicate x cp x sp x tp = 1 x 1 x 3 x 1",
+        ),
         (["--nproc", "3", "--parallel.sp=3"], "parallel.sp=3 must divide the model's 4 attention"),
         (["--data.max_tokens_per_microbatch=64"], "below data.max_seq_len=2048"),
         (["--nproc", "4", "--parallel.ep=3"], "parallel.ep=3 must divide the FSDP ranks"),
@@ -66,11 +69,14 @@ def test_degrees_fill_and_validate():
     assert resolve_degrees(8, dp_replicate=2, sp=2).fsdp == 4
     with pytest.raises(ValueError, match="does not divide the world size 4"):
         resolve_degrees(4, sp=3)
-    with pytest.raises(ValueError, match="2 x 1 x 1 x 1 = 2, but 4 processes"):
+    with pytest.raises(ValueError, match="2 x 1 x 1 x 1 x 1 = 2, but 4 processes"):
         resolve_degrees(4, dp_replicate=2, dp_shard=1)
     assert resolve_degrees(8, dp_replicate=2, tp=2).dp_shard == 2
     with pytest.raises(ValueError, match="tp=2 with parallel.ep=2"):
         resolve_degrees(4, ep=2, tp=2)
+    assert resolve_degrees(8, cp=2, sp=2).fsdp == 8  # context- and sequence-parallel ranks shard
+    with pytest.raises(ValueError, match="cp=2 with parallel.tp=2"):
+        resolve_degrees(4, cp=2, tp=2)
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
         resolve_degrees(4, dp_replicate=2, ep=4)
     with pytest.raises(ValueError, match=r"HSDP\) is not supported"):

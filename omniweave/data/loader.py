@@ -304,7 +304,7 @@ def build_step_batches(cfg, state, tokenizer, omni, attention_weight: float) -> 
         micro_batch_size=t.micro_batch_size,
         budget=None if budget is None else (budget, d.budget_counts),
         packing=d.packing,
-        multiple=state.degrees.sp * state.degrees.tp,
+        multiple=state.degrees.row_multiple,
         skip_bad=d.on_bad_sample == "skip",
         attention_weight=attention_weight,
     )

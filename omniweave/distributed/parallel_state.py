@@ -1,11 +1,12 @@
 """ParallelState: the one device mesh, its named axes and the groups derived from it.
 
 Axes, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP
-shards), ``sp`` (Ulysses sequence parallel), ``tp`` (tensor parallel). ``dp_shard`` is
+shards), ``cp`` (ring context parallel), ``sp`` (Ulysses sequence parallel), ``tp`` (tensor
+parallel). ``dp_shard`` is
 always materialised; the others only when their degree exceeds 1. ``tp`` is innermost:
 its collectives run in every block, so its ranks are adjacent (one node, fastest links).
 ``ep`` is not a mesh axis of its own: expert-parallel groups are carved out of the FSDP
-ranks (``dp_shard x sp``).
+ranks (``dp_shard x cp x sp``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,23 @@ class Degrees:
     sp: int
     ep: int
     tp: int = 1
+    cp: int = 1
 
     @property
     def fsdp(self) -> int:
-        """Ranks one parameter is sharded over: sequence-parallel ranks shard too."""
-        return self.dp_shard * self.sp
+        """Ranks one parameter is sharded over: context- and sequence-parallel ranks shard too."""
+        return self.dp_shard * self.cp * self.sp
+
+    @property
+    def sequence(self) -> int:
+        """Ranks one row is split over (ring across ``cp``, Ulysses inside it)."""
+        return self.cp * self.sp
+
+    @property
+    def row_multiple(self) -> int:
+        """What every row's length must divide by: its splits over cp (two chunks per rank,
+        for balance), sp and tp."""
+        return (2 * self.cp if self.cp > 1 else 1) * self.sp * self.tp
 
     @property
     def dp(self) -> int:
@@ -48,36 +61,44 @@ def resolve_degrees(
     sp: int = 1,
     ep: int = 1,
     tp: int = 1,
+    cp: int = 1,
 ) -> Degrees:
     """Fill in ``dp_shard=-1`` and check every degree; raise ValueError saying what to change."""
-    for name, value in (("dp_replicate", dp_replicate), ("sp", sp), ("ep", ep), ("tp", tp)):
+    named = {"dp_replicate": dp_replicate, "sp": sp, "ep": ep, "tp": tp, "cp": cp}
+    for name, value in named.items():
         if value < 1:
             raise ValueError(f"parallel.{name}={value}: degrees must be >= 1.")
     if dp_shard == -1:
-        fixed = dp_replicate * sp * tp
+        fixed = dp_replicate * cp * sp * tp
         if world_size % fixed:
             raise ValueError(
-                f"parallel.dp_replicate x sp x tp = {dp_replicate} x {sp} x {tp} = {fixed} does "
-                f"not divide the world size {world_size}; choose degrees whose product divides "
-                f"{world_size} (or change the number of processes)."
+                f"parallel.dp_replicate x cp x sp x tp = {dp_replicate} x {cp} x {sp} x {tp} = "
+                f"{fixed} does not divide the world size {world_size}; choose degrees whose "
+                f"product divides {world_size} (or change the number of processes)."
             )
         dp_shard = world_size // fixed
     elif dp_shard < 1:
         raise ValueError(f"parallel.dp_shard={dp_shard}: use a degree >= 1, or -1 for the rest.")
-    product = dp_replicate * dp_shard * sp * tp
+    product = dp_replicate * dp_shard * cp * sp * tp
     if product != world_size:
         raise ValueError(
-            f"parallel.dp_replicate x dp_shard x sp x tp = {dp_replicate} x {dp_shard} x {sp} x "
-            f"{tp} = {product}, but {world_size} processes are running; make the product equal "
-            f"the number of processes (start {product} with --nproc {product} or torchrun), or "
-            "set parallel.dp_shard=-1 to use whatever is left."
+            f"parallel.dp_replicate x dp_shard x cp x sp x tp = {dp_replicate} x {dp_shard} x "
+            f"{cp} x {sp} x {tp} = {product}, but {world_size} processes are running; make the "
+            f"product equal the number of processes (start {product} with --nproc {product} or "
+            "torchrun), or set parallel.dp_shard=-1 to use whatever is left."
+        )
+    if cp > 1 and (tp > 1 or ep > 1):
+        raise ValueError(
+            f"parallel.cp={cp} with parallel.tp={tp} / parallel.ep={ep}: ring context "
+            "parallelism does not compose with tensor or expert parallelism yet; use cp with "
+            "dp_shard, dp_replicate and sp."
         )
     if tp > 1 and ep > 1:
         raise ValueError(
             f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
             "expert parallelism yet; use tp with dp_shard, dp_replicate and sp."
         )
-    degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp)
+    degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp, cp)
     if degrees.fsdp % ep:
         raise ValueError(
             f"parallel.ep={ep} must divide the FSDP ranks dp_shard x sp = {degrees.fsdp}; "
@@ -149,7 +170,7 @@ class ParallelState:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         axes = [("dp_replicate", degrees.dp_replicate), ("dp_shard", degrees.dp_shard)]
-        axes += [("sp", degrees.sp), ("tp", degrees.tp)]
+        axes += [("cp", degrees.cp), ("sp", degrees.sp), ("tp", degrees.tp)]
         axes = [(name, size) for name, size in axes if size > 1 or name == "dp_shard"]
         self.mesh: DeviceMesh = init_device_mesh(
             device.type,
@@ -157,9 +178,9 @@ class ParallelState:
             mesh_dim_names=tuple(name for name, _ in axes),
         )
         self._axes = [name for name, _ in axes]
-        self.fsdp_mesh = self._flat(("dp_shard", "sp"), "fsdp")
+        self.fsdp_mesh = self._flat(("dp_shard", "cp", "sp"), "fsdp")
         self.dp_mesh = self._flat(("dp_replicate", "dp_shard"), "dp")
-        self.loss_mesh = self._flat(("dp_replicate", "dp_shard", "sp"), "loss")
+        self.loss_mesh = self._flat(("dp_replicate", "dp_shard", "cp", "sp"), "loss")
         self.ep_mesh: DeviceMesh | None = None
         self.expert_fsdp_mesh: DeviceMesh | None = None
         if degrees.ep > 1:  # the FSDP ranks as (efsdp, ep): an EP group is ep adjacent ranks
@@ -193,6 +214,16 @@ class ParallelState:
         return self.sharding_mesh if self.degrees.ep == 1 else self.expert_fsdp_mesh
 
     @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        """The ranks of one attention ring (None without context parallelism)."""
+        return self.mesh["cp"].get_group() if self.degrees.cp > 1 else None
+
+    @property
+    def cp_rank(self) -> int:
+        """Which two chunks of each row this rank holds."""
+        return self.mesh["cp"].get_local_rank() if self.degrees.cp > 1 else 0
+
+    @property
     def tp_mesh(self) -> DeviceMesh | None:
         """The ranks that split each layer's weights (None without tensor parallelism)."""
         return self.mesh["tp"] if self.degrees.tp > 1 else None
@@ -214,8 +245,8 @@ class ParallelState:
 
     def describe(self) -> str:
         d = self.degrees
-        tp = f" tp={d.tp}" if d.tp > 1 else ""
+        extra = "".join(f" {name}={n}" for name, n in (("cp", d.cp), ("tp", d.tp)) if n > 1)
         return (
             f"world={self.world_size} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
-            f"sp={d.sp} ep={d.ep}{tp} device={self.device.type}"
+            f"sp={d.sp} ep={d.ep}{extra} device={self.device.type}"
         )

@@ -28,7 +28,7 @@ from omniweave.train.checkpoint import resolve_resume
 def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
     p = cfg.parallel
-    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep, p.tp)
+    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep, p.tp, p.cp)
     check_backend(cfg.model.attn_implementation)
     check_kernels(cfg.train.kernels)
     resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
@@ -54,6 +54,11 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
         raise ValueError(
             f"parallel.tp={degrees.tp} does not compose with multimodal models or model.lora "
             "yet; use parallel.tp=1 (FSDP, Ulysses and EP do)."
+        )
+    if degrees.cp > 1 and (native or cfg.model.omni):
+        raise ValueError(
+            f"parallel.cp={degrees.cp} does not compose with multimodal models yet; use "
+            "parallel.sp for their long sequences."
         )
     if degrees.tp > 1:
         with torch.device("meta"):

@@ -28,6 +28,7 @@ from omniweave.distributed.parallel_state import (
     device_for_rank,
     init_process_group,
 )
+from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
     split_sequence_inputs,
@@ -117,12 +118,15 @@ class Trainer:
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
             self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
-        if degrees.sp > 1 or degrees.tp > 1 or d.packing:  # tp: masks of local length
+        self.ring_layout = RingLayout() if degrees.cp > 1 else None
+        if degrees.sequence > 1 or degrees.tp > 1 or d.packing:  # tp: masks of local length
+            ring = (self.state.cp_group, self.ring_layout) if degrees.cp > 1 else None
             apply_sequence_attention(
                 self.model,
                 cfg.model.attn_implementation,
                 self.state.sp_group,
                 cfg.parallel.async_ulysses,
+                ring,
             )
         if self.omni_parts and degrees.sp > 1:  # embeddings are built whole; the stack gets a slice
             stack = self.model.model.language_model if self.native else self.foundation.model
@@ -249,7 +253,7 @@ class Trainer:
         # result is the sum of token losses over the global batch / its number of label tokens
         # (or / its samples, each token loss weighted by 1 / its sample's label tokens).
         denominator = max(samples if by_sample else label_tokens, 1)  # 0: all samples dropped
-        scale = self.state.degrees.dp * self.state.degrees.sp / denominator
+        scale = self.state.degrees.dp * self.state.degrees.sequence / denominator
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         # Each output modality's token-loss sum, then all tokens' (unweighted) for the text's.
         output_sums = torch.zeros(len(self.output_ranges) + 1, dtype=torch.float64, device=device)
@@ -322,8 +326,12 @@ class Trainer:
         }
 
     def _local(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a full-sequence tensor (the sequence dim is last)."""
-        return t.chunk(self.state.degrees.sp, dim=-1)[self.state.sp_rank].to(self.state.device)
+        """This rank's slice of a full-sequence tensor (the sequence dim is last): its two
+        chunks of the ring's split, then its Ulysses slice of those."""
+        d = self.state.degrees
+        if d.cp > 1:
+            t = balanced_slice(t, d.cp, self.state.cp_rank)
+        return t.chunk(d.sp, dim=-1)[self.state.sp_rank].to(self.state.device)
 
     def _in_range(self, targets: torch.Tensor, modality: str) -> torch.Tensor:
         low, high = self.output_ranges[modality]
@@ -350,6 +358,13 @@ class Trainer:
                 "input_ids": self._local(batch.input_ids),
                 "position_ids": self._local(batch.position_ids),
             }
+        if self.ring_layout is not None:  # where the ring's tokens sit (positions, samples)
+            rows, width = batch.input_ids.shape
+            layout = row_layout(width, batch.cu_seqlens, rows)
+            cp, rank, device = self.state.degrees.cp, self.state.cp_rank, self.state.device
+            self.ring_layout.positions, self.ring_layout.samples = (
+                balanced_slice(x, cp, rank).to(device) for x in layout
+            )
         targets = self._local(batch.targets).flatten()
         if self.loss_head is not None:
             self.loss_head.targets = targets

@@ -33,7 +33,7 @@ def eval_batches(cfg, state, make, pad_id: int) -> list[MicroBatch]:
                 position += 1
                 if (position - 1) % dp == rank:
                     samples += _eval_sample(cfg, make, shard, i)
-    size, multiple = cfg.train.micro_batch_size, state.degrees.sp * state.degrees.tp
+    size, multiple = cfg.train.micro_batch_size, state.degrees.row_multiple
     collate = pack_row if cfg.data.packing else pad_rows
     batches = [
         collate(samples[i : i + size], pad_id, multiple) for i in range(0, len(samples), size)
