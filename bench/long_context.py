@@ -1,16 +1,19 @@
-"""Longest sequence a tiny model trains at a per-process memory cap, for Ulysses sp = 1, 2, 4.
+"""Longest sequence a tiny model trains at a per-process memory cap, for Ulysses (sp) and
+ring context parallelism (cp): sp = 1, 2, 4, cp = 4 and sp = 2 x cp = 2.
 
-For each sp the script spawns sp gloo processes (nccl on CUDA) that train a tiny random
-Qwen2 (fp32, sdpa) on one packed row of L tokens: forward, backward, clipping and an AdamW
-step, each rank holding L / sp tokens as the trainer splits them. A process's memory is its
-peak above the baseline taken after model build and a warm-up step at a short length: peak
-resident set (ru_maxrss) on CPU, max_memory_allocated on CUDA; the ranks take the largest.
+For each layout the script spawns sp x cp gloo processes (nccl on CUDA) that train a tiny
+random Qwen2 (fp32, sdpa) on one packed row of L tokens: forward, backward, clipping and an
+AdamW step, each rank holding L / (sp x cp) tokens as the trainer splits them. A process's
+memory is its peak above the baseline taken after model build and a warm-up step at a short
+length: peak resident set (ru_maxrss) on CPU, max_memory_allocated on CUDA; the ranks take
+the largest.
 L doubles from --start until it misses the cap, then bisects between the last fit and the
-first miss on a grid of --grid x sp tokens. Bisecting needs the peak to be reset (CUDA, or
+first miss on a grid of --grid x sp x cp tokens. Bisecting needs the peak to be reset (CUDA, or
 /proc/self/clear_refs on Linux, after malloc_trim so freed heap does not count), since
 ru_maxrss never falls; without it only the doubling runs. Defaults: about 2.5 min on 2 cores.
 
-    .venv/bin/python bench/long_context.py [--cap-gb C] [--sp 1 2 4] [--start L] [--grid G]
+    .venv/bin/python bench/long_context.py [--cap-gb C] [--layouts 1x1 2x1 4x1 1x4 2x2]
+        [--start L] [--grid G]   (a layout is SPxCP)
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from omniweave.distributed.parallel_state import (
     init_process_group,
     resolve_degrees,
 )
+from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
 from omniweave.distributed.ulysses import apply_sequence_attention, check_heads
 from omniweave.models.loader import build_model, load_hf_config
 from omniweave.train.optim import build_optimizer, clip_grad_norm
@@ -75,19 +79,29 @@ def reset_peak(device: torch.device) -> bool:
         return False
 
 
-def make_step(model: torch.nn.Module, state: ParallelState) -> Callable[[int], None]:
-    """One optimizer step on a single packed row of ``length`` random tokens, SP-split."""
-    sp, rank, device = state.degrees.sp, state.sp_rank, state.device
+def make_step(
+    model: torch.nn.Module, state: ParallelState, ring: RingLayout | None
+) -> Callable[[int], None]:
+    """One optimizer step on a single packed row of ``length`` random tokens, split over the
+    ring (``cp``, balanced chunks) and Ulysses (``sp``) as the trainer splits rows."""
+    d, device = state.degrees, state.device
+    sp = d.sequence
     optimizer = build_optimizer(model, 1e-4, (0.9, 0.95), 1e-8, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    def ring_share(t: torch.Tensor) -> torch.Tensor:
+        return balanced_slice(t, d.cp, state.cp_rank) if d.cp > 1 else t
+
     def local(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(sp, dim=-1)[rank].to(device)
+        return ring_share(t).chunk(d.sp, dim=-1)[state.sp_rank].to(device)
 
     def step(length: int) -> None:
         generator = torch.Generator().manual_seed(length)
         ids = torch.randint(MODEL["vocab_size"], (length,), generator=generator).tolist()
-        batch = pack_row([Sample(ids, ids)], pad_id=0, multiple=sp)
+        batch = pack_row([Sample(ids, ids)], pad_id=0, multiple=d.row_multiple)
+        if ring is not None:
+            layout = row_layout(batch.input_ids.shape[1], batch.cu_seqlens, 1)
+            ring.positions, ring.samples = (ring_share(x).to(device) for x in layout)
         logits = model(
             input_ids=local(batch.input_ids),
             position_ids=local(batch.position_ids),
@@ -109,17 +123,21 @@ def make_step(model: torch.nn.Module, state: ParallelState) -> Callable[[int], N
     return step
 
 
-def worker(rank: int, sp: int, port: int, args: argparse.Namespace, results: SimpleQueue) -> None:
+def worker(
+    rank: int, layout: tuple[int, int], port: int, args: argparse.Namespace, results: SimpleQueue
+) -> None:
     """One rank: build, warm up, then search for the longest L under the cap."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(sp))
-    os.environ.update(LOCAL_WORLD_SIZE=str(sp), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, args.threads // sp))
+    (sp, cp), world = layout, layout[0] * layout[1]
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, args.threads // world))
     hf_logging.set_verbosity_error()
     init_process_group()
-    state = ParallelState(resolve_degrees(sp, sp=sp), device_for_rank(rank))
+    state = ParallelState(resolve_degrees(world, sp=sp, cp=cp), device_for_rank(rank))
     model = build_model(load_hf_config(None, MODEL, "sdpa"), state, seed=0)
-    apply_sequence_attention(model, "sdpa", state.sp_group)
-    step, grid, cap = make_step(model, state), args.grid * sp, args.cap_gb * GB
+    ring = RingLayout() if cp > 1 else None
+    apply_sequence_attention(model, "sdpa", state.sp_group, ring=ring and (state.cp_group, ring))
+    step, grid, cap = make_step(model, state, ring), args.grid * world, args.cap_gb * GB
     step(grid)  # warm-up: optimizer state, allocator pools, kernels
     baseline = peak_bytes(state.device)
     resettable = reset_peak(state.device)
@@ -142,7 +160,8 @@ def worker(rank: int, sp: int, port: int, args: argparse.Namespace, results: Sim
         fit, miss = (mid, miss) if fits(mid) else (fit, mid)
     if rank == 0:
         params = sum(p.numel() for p in model.parameters())  # global sizes, also of DTensors
-        results.put(dict(sp=sp, longest=fit, miss=miss, tried=tried, baseline=baseline / GB))
+        row = dict(sp=sp, cp=cp, world=world, longest=fit, miss=miss, tried=tried)
+        results.put(row | dict(baseline=baseline / GB))
         results.put(params)
     dist.destroy_process_group()
     # A gloo process that built a DeviceMesh aborts now and then in its exit-time C++
@@ -161,26 +180,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--cap-gb", type=float, default=0.5, help="memory cap per process above the baseline")
-    add("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence-parallel degrees")
+    add("--layouts", nargs="+", default=["1x1", "2x1", "4x1", "1x4", "2x2"], help="SPxCP")
     add("--start", type=int, default=1024, help="first L tried (then doubled)")
-    add("--grid", type=int, default=256, help="bisection grid, in tokens per sp rank")
+    add("--grid", type=int, default=256, help="bisection grid, in tokens per rank")
     add("--max-len", type=int, default=131072, help="stop doubling past this L")
-    add("--threads", type=int, default=2, help="threads in all: threads // sp per process")
+    add("--threads", type=int, default=2, help="threads in all, shared by a layout's ranks")
     args = parser.parse_args()
     config = load_hf_config(None, MODEL, "sdpa")
-    for sp in args.sp:
+    layouts = []
+    for text in args.layouts:
+        sp, cp = (int(n) for n in text.split("x"))
         try:
             check_heads(config, sp)
         except ValueError as error:
             parser.error(str(error))
-        if args.start % (args.grid * sp):
-            parser.error(f"--start must be a multiple of --grid x sp = {args.grid * sp}")
+        if args.start % (args.grid * sp * cp) or args.grid % 2:
+            parser.error(f"--start must be a multiple of --grid x sp x cp (grid even); {text}")
+        layouts.append((sp, cp))
     context = multiprocessing.get_context("spawn")
     results, rows = context.SimpleQueue(), []
-    for sp in args.sp:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, args.threads // sp))  # the spawned ranks'
+    for sp, cp in layouts:
+        world = sp * cp
+        os.environ["OMP_NUM_THREADS"] = str(max(1, args.threads // world))  # the spawned ranks'
         start = time.perf_counter()
-        mp.spawn(worker, args=(sp, free_port(), args, results), nprocs=sp, join=True)
+        mp.spawn(worker, args=((sp, cp), free_port(), args, results), nprocs=world, join=True)
         row, params = results.get(), results.get()
         rows.append(row | dict(seconds=time.perf_counter() - start))
 
@@ -195,21 +218,23 @@ def main() -> None:
         "baseline (after build + warm-up)\n"
     )
     print(
-        "| sp | processes | longest L | tokens per process | ratio to sp=1 | first miss "
-        "| baseline GB | wall s |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| sp | cp | processes | longest L | tokens per process | ratio to 1 process | "
+        "first miss | baseline GB | wall s |\n"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
-    base = next((r["longest"] for r in rows if r["sp"] == 1), None)
+    base = next((r["longest"] for r in rows if r["world"] == 1), None)
     for r in rows:
         longest, miss = r["longest"], r["miss"] or f"> {args.max_len}"
         ratio = f"{longest / base:.2f}" if base and longest else "-"
         print(
-            f"| {r['sp']} | {r['sp']} | {longest or f'< {miss}'} | {longest // r['sp']} | "
-            f"{ratio} | {miss} | {r['baseline']:.2f} | {r['seconds']:.0f} |"
+            f"| {r['sp']} | {r['cp']} | {r['world']} | {longest or f'< {miss}'} | "
+            f"{longest // r['world']} | {ratio} | {miss} | {r['baseline']:.2f} | "
+            f"{r['seconds']:.0f} |"
         )
     print("\ntried (L: GB above baseline, step s):")
     for r in rows:
         trail = ", ".join(f"{n}: {gb:.3f} ({s:.1f}s)" for n, gb, s in r["tried"])
-        print(f"- sp={r['sp']}: {trail}")
+        print(f"- sp={r['sp']} cp={r['cp']}: {trail}")
 
 
 if __name__ == "__main__":

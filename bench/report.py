@@ -24,7 +24,7 @@ BENCHMARKS = [
     ("overhead", ["overhead.py"], "single-process overhead vs a raw PyTorch loop"),
     ("state_memory", ["state_memory.py"], "parameters + gradients + optimizer vs world size"),
     ("memory", ["memory.py"], "activation checkpointing and chunked cross-entropy"),
-    ("long_context", ["long_context.py"], "longest trainable sequence vs sp"),
+    ("long_context", ["long_context.py"], "longest trainable sequence vs sp and cp"),
     ("packing", ["packing.py"], "padded vs packed micro-batches"),
     ("moe", ["moe.py"], "MoE step time vs ep; grouped GEMM vs loop"),
     ("overlap", ["overlap.py"], "async Ulysses and EP dispatch in parts vs synchronous"),

@@ -58,12 +58,13 @@ class _RingShift(torch.autograd.Function):
 
 def _shift(x: torch.Tensor, group, direction: int) -> torch.Tensor:
     size, rank = dist.get_world_size(group), dist.get_rank(group)
+    x = x.contiguous()
     received = torch.empty_like(x)
     send_to = dist.get_global_rank(group, (rank + direction) % size)
     receive_from = dist.get_global_rank(group, (rank - direction) % size)
     requests = dist.batch_isend_irecv(
         [
-            dist.P2POp(dist.isend, x.contiguous(), send_to, group),
+            dist.P2POp(dist.isend, x, send_to, group),
             dist.P2POp(dist.irecv, received, receive_from, group),
         ]
     )
@@ -81,7 +82,87 @@ def ring_attention(
     scaling: float,
 ) -> torch.Tensor:
     """Causal attention ``[rows, heads, tokens/cp, dim]`` over the whole rows held by the
-    ``group``'s ranks (KV heads already repeated to the query heads)."""
+    ``group``'s ranks (KV heads already repeated to the query heads). On CPU each block runs
+    the fused flash kernel and the backward recomputes blocks (memory ~ tokens/cp per rank);
+    elsewhere the blocks are plain differentiable tensor ops (scores kept for the backward)."""
+    if query.device.type == "cpu":
+        return _RingFlash.apply(query, key, value, layout.positions, layout.samples, group, scaling)
+    return _ring_by_autograd(query, key, value, layout, group, scaling)
+
+
+def _visible(q_pos, q_sample, k_pos, k_sample) -> torch.Tensor:
+    """``[rows, 1, queries, keys]``: key at or before the query, in the same sample."""
+    return (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & (
+        k_sample[:, None, None, :] == q_sample[:, None, :, None]
+    )
+
+
+def _bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+
+
+class _RingFlash(torch.autograd.Function):
+    """Ring attention with the CPU flash kernel per block: the forward merges each block's
+    output and log-sum-exp; the backward passes the blocks around again and runs the kernel's
+    backward with the merged output and log-sum-exp (which gives each block's exact share),
+    the key/value gradients travelling with their blocks back to their owners."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, q_pos, q_sample, group, scaling):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        # the kernel reads strided inputs wrongly (torch 2.13): contiguous copies only
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        k, v, k_pos, k_sample = key, value, q_pos, q_sample
+        out = lse = None
+        for step in range(dist.get_world_size(group)):
+            if step:
+                k, v = _shift(k, group, +1), _shift(v, group, +1)
+                k_pos, k_sample = _shift(k_pos, group, +1), _shift(k_sample, group, +1)
+            visible = _visible(q_pos, q_sample, k_pos, k_sample)
+            block_out, block_lse = flash(
+                query, k, v, 0.0, False, attn_mask=_bias(visible, query.dtype), scale=scaling
+            )
+            block_out = torch.nan_to_num(block_out.float())  # rows with no visible key: 0
+            block_lse = block_lse.masked_fill(~visible.any(-1), float("-inf"))[..., None]
+            if out is None:
+                out, lse = block_out, block_lse
+            else:
+                merged = torch.logaddexp(lse, block_lse)
+                out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
+                lse = merged
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse[..., 0], q_pos, q_sample)
+        ctx.group, ctx.scaling = group, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        query, k, v, out, lse, q_pos, q_sample = ctx.saved_tensors
+        group, grad_out = ctx.group, grad_out.contiguous()
+        k_pos, k_sample = q_pos, q_sample
+        grad_q = torch.zeros_like(query, dtype=torch.float32)
+        grad_k = torch.zeros_like(k, dtype=torch.float32)
+        grad_v = torch.zeros_like(v, dtype=torch.float32)
+        for step in range(dist.get_world_size(group)):
+            if step:  # the block and the gradient gathered for it so far move on together
+                k, v = _shift(k, group, +1), _shift(v, group, +1)
+                grad_k, grad_v = _shift(grad_k, group, +1), _shift(grad_v, group, +1)
+                k_pos, k_sample = _shift(k_pos, group, +1), _shift(k_sample, group, +1)
+            bias = _bias(_visible(q_pos, q_sample, k_pos, k_sample), query.dtype)
+            dq, dk, dv = backward(
+                grad_out, query, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scaling
+            )
+            grad_q += dq
+            grad_k += dk
+            grad_v += dv
+        grad_k, grad_v = _shift(grad_k, group, +1), _shift(grad_v, group, +1)  # to the owners
+        cast = query.dtype
+        return grad_q.to(cast), grad_k.to(cast), grad_v.to(cast), None, None, None, None
+
+
+def _ring_by_autograd(query, key, value, layout: RingLayout, group, scaling) -> torch.Tensor:
+    """The same attention in plain tensor ops, differentiated by autograd."""
     size = dist.get_world_size(group)
     q_pos, q_sample = layout.positions, layout.samples
     k_pos, k_sample = q_pos, q_sample
@@ -91,9 +172,7 @@ def ring_attention(
         if step:
             key, value = _RingShift.apply(key, group), _RingShift.apply(value, group)
             k_pos, k_sample = _shift(k_pos, group, +1), _shift(k_sample, group, +1)
-        visible = (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & (
-            k_sample[:, None, None, :] == q_sample[:, None, :, None]
-        )
+        visible = _visible(q_pos, q_sample, k_pos, k_sample)
         scores = (q @ key.float().transpose(-1, -2)).masked_fill(~visible, MASKED)
         block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         block_out = torch.softmax(scores, dim=-1) @ value.float()
