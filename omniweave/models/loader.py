@@ -73,12 +73,13 @@ def build_model(
     kernels: tuple[str, bool] = ("torch", False),
     lora: LoraSettings | None = None,
 ) -> nn.Module:
-    """Meta-device init, LoRA adapters, EP, activation checkpointing (mode, every k-th block)
-    and FSDP2 per the family's recipe, then load ``path`` or init from ``seed``; ``state=None``:
-    one plain CPU model. ``grouped_experts``: MoE experts compute with one grouped GEMM;
-    ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with these
-    encoders in front (``path`` then holds the foundation only; ``train_encoders: false``
-    freezes them). ``kernels``: ``train.kernels`` and whether to compile each block."""
+    """Meta-device init, LoRA adapters, TP, EP, activation checkpointing (mode, every k-th
+    block) and FSDP2 per the family's recipe, then load ``path`` or init from ``seed``;
+    ``state=None``: one plain CPU model. ``grouped_experts``: MoE experts compute with one
+    grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an
+    OmniModel with these encoders in front (``path`` then holds the foundation only;
+    ``train_encoders: false`` freezes them). ``kernels``: ``train.kernels`` and whether to
+    compile each block."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = model_from_config(config)
@@ -92,12 +93,12 @@ def build_model(
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:
         units = ENCODER_UNITS + units
-    if state is not None and state.tp_mesh is not None:
-        apply_tensor_parallel(foundation, state.tp_mesh)
-    if state is not None and state.ep_mesh is not None:
+    tp_mesh, ep_mesh = (None, None) if state is None else (state.tp_mesh, state.ep_mesh)
+    if tp_mesh is not None:
+        apply_tensor_parallel(foundation, tp_mesh)
+    if ep_mesh is not None:
         plan = {prefix + glob: placement for glob, placement in recipe.expert_plan}
-        shard_parameters(model, plan, state.ep_mesh)
-    ep_mesh = None if state is None else state.ep_mesh
+        shard_parameters(model, plan, ep_mesh)
     if ep_mesh is not None or (grouped_experts and recipe.expert_plan):
         group = ep_mesh.get_group() if ep_mesh is not None else None
         apply_expert_parallel(foundation, group, grouped_experts, ep_chunks)
