@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("state_memory", ["state_memory.py"], "parameters + gradients + optimizer vs world size"),
     ("memory", ["memory.py"], "activation checkpointing and chunked cross-entropy"),
     ("long_context", ["long_context.py"], "longest trainable sequence vs sp and cp"),
+    ("parallel", ["parallel.py"], "state memory and step time per layout at 4 processes"),
     ("packing", ["packing.py"], "padded vs packed micro-batches"),
     ("moe", ["moe.py"], "MoE step time vs ep; grouped GEMM vs loop"),
     ("overlap", ["overlap.py"], "async Ulysses and EP dispatch in parts vs synchronous"),

@@ -1,7 +1,8 @@
 """Ring context parallelism (``parallel.cp``): every row split over the ring's ranks in
 load-balanced chunks trains the curve of the unsharded model in a plain PyTorch loop, padded
 and packed (attention kept inside each sample), alone, with Ulysses inside the ring, and on
-rows far longer than Ulysses could split (4 ranks x 4 heads x 8 tokens = 128 < a packed row)."""
+rows far longer than Ulysses could split (4 ranks x 4 heads x 8 tokens = 128 < a packed row),
+with tensor parallelism inside each ring rank and with MoE experts split over the ring."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def test_ring_attention_trains_like_the_unsharded_reference(models, corpus, tmp_
             "sp=2 x cp=2 packed": {"parallel.cp": 2, "parallel.sp": 2, **packed},
             "cp=4 packed": {"parallel.cp": 4, **packed, "train.micro_batch_size": 8},
             "cp=2 x dp_shard=2": {"parallel.cp": 2, "parallel.dp_shard": 2},
+            "cp=2 x tp=2 packed": {"parallel.cp": 2, "parallel.tp": 2, **packed},
         },
     }
     curves = {}
@@ -104,3 +106,17 @@ def test_ring_attention_trains_like_the_unsharded_reference(models, corpus, tmp_
         for name, curve in curves.items():
             if name.startswith(family):
                 _assert_close(curve, reference, name)
+
+
+def test_ring_attention_with_expert_parallel_experts_matches_the_moe_reference(corpus, tmp_path):
+    """A Qwen3-MoE with its 8 experts split over the ring's 2 ranks (cp=2 x ep=2), the router's
+    aux loss over all tokens of the step as in the reference."""
+    from tests.test_expert_parallel import moe_reference
+
+    path = str(tmp_path / "moe")
+    hf_model("qwen3_moe", seed=1).save_pretrained(path)
+    layout = {"parallel.cp": 2, "parallel.ep": 2, "data.packing": True, "train.micro_batch_size": 8}
+    run = ("cp=2 x ep=2", _overrides(path, corpus, str(tmp_path / "run"), **layout))
+    per_rank = run_distributed(_train_runs, 2, [run])
+    assert per_rank[0] == per_rank[1], "ranks disagree"
+    _assert_close(per_rank[0]["cp=2 x ep=2"], moe_reference(path, corpus), "cp=2 x ep=2")

@@ -75,8 +75,7 @@ def test_degrees_fill_and_validate():
     with pytest.raises(ValueError, match="tp=2 with parallel.ep=2"):
         resolve_degrees(4, ep=2, tp=2)
     assert resolve_degrees(8, cp=2, sp=2).fsdp == 8  # context- and sequence-parallel ranks shard
-    with pytest.raises(ValueError, match="cp=2 with parallel.tp=2"):
-        resolve_degrees(4, cp=2, tp=2)
+    assert resolve_degrees(8, cp=2, tp=2).fsdp == 4  # tp ranks share their shards
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
         resolve_degrees(4, dp_replicate=2, ep=4)
     with pytest.raises(ValueError, match=r"HSDP\) is not supported"):

@@ -87,12 +87,7 @@ def resolve_degrees(
             f"product equal the number of processes (start {product} with --nproc {product} or "
             "torchrun), or set parallel.dp_shard=-1 to use whatever is left."
         )
-    if cp > 1 and (tp > 1 or ep > 1):
-        raise ValueError(
-            f"parallel.cp={cp} with parallel.tp={tp} / parallel.ep={ep}: ring context "
-            "parallelism does not compose with tensor or expert parallelism yet; use cp with "
-            "dp_shard, dp_replicate and sp."
-        )
+
     if tp > 1 and ep > 1:
         raise ValueError(
             f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
