@@ -1,9 +1,9 @@
 """Per-process state memory and step time of the parallel layouts at 4 processes, one model.
 
 For each layout the Trainer builds the same Qwen2 in 4 gloo processes and trains a few steps
-of the fortunes corpus (packed rows, 16 samples a step); each rank then adds up the bytes of
-the tensors it holds itself (its parameter shards, as many bytes of gradients, which are
-sharded alike, and the AdamW state). The
+of the fortunes corpus (packed rows, 16 samples a step, one micro-batch per rank); each rank
+then adds up the bytes of the tensors it holds itself (its parameter shards, as many bytes of
+gradients, which are sharded alike, and the AdamW state). The
 table gives the largest rank's figures, the median step time over the steps after the first
 and the tokens/s (same samples in every layout). Pipeline layouts are not here yet (no
 pipeline parallelism).
@@ -14,7 +14,10 @@ pipeline parallelism).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -46,6 +49,11 @@ def _local_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
+def ranks_per_sample(settings: dict) -> int:
+    """The ranks that work on one sample (tp x sp x cp) in a layout of ``LAYOUTS``."""
+    return math.prod(settings.get(f"parallel.{axis}", 1) for axis in ("tp", "sp", "cp"))
+
+
 def measure(out: str, settings: dict, steps: int) -> dict:
     """This rank's state bytes after ``steps`` steps, and the logged per-step figures."""
     from omniweave.config import load_config
@@ -61,7 +69,7 @@ def measure(out: str, settings: dict, steps: int) -> dict:
         "train.output_dir": out,
         "train.max_steps": steps,
         "train.global_batch_size": 16,
-        "train.micro_batch_size": 8,
+        "train.micro_batch_size": 16 * ranks_per_sample(settings) // 4,  # one per rank
         "train.log_every": 1,
         "train.peak_flops": 1e12,
         "checkpoint.resume": "none",
@@ -70,8 +78,9 @@ def measure(out: str, settings: dict, steps: int) -> dict:
         "log.plot": False,
     }
     overrides = [f"--{k}={json.dumps(v)}" for k, v in {**base, **settings}.items()]
-    trainer = Trainer(load_config(None, overrides))
-    rows = trainer.run()
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's own report lines
+        trainer = Trainer(load_config(None, overrides))
+        rows = trainer.run()
     optimizer = [t for s in trainer.optimizer.state.values() for t in s.values() if t.dim()]
     parameters = sum(_local_bytes(p) for p in trainer.params)
     return {
