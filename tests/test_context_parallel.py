@@ -12,7 +12,13 @@ import torch
 from omniweave.distributed.ring import balanced_slice
 from tests.distributed import run_distributed
 from tests.models import hf_model
-from tests.test_parity import _assert_close, _overrides, _train_runs, reference_losses
+from tests.test_parity import (
+    _assert_close,
+    _overrides,
+    _train_runs,
+    assert_match_references,
+    layout_curves,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +96,10 @@ def test_ring_attention_trains_like_the_unsharded_reference(models, corpus, tmp_
             "cp=2 x tp=2 packed": {"parallel.cp": 2, "parallel.tp": 2, **packed},
         },
     }
-    curves = {}
-    for processes, runs in layouts.items():
-        named = [
-            (f"{family} {name}", _overrides(path, corpus, str(tmp_path / f"{family}{i}"), **extra))
-            for family, path in models.items()
-            for i, (name, extra) in enumerate(runs.items())
-            if processes == 2 or family == "qwen2"
-        ]
-        per_rank = run_distributed(_train_runs, processes, named)
-        assert all(rank == per_rank[0] for rank in per_rank), "ranks disagree"
-        curves.update(per_rank[0])
-    for family, path in models.items():
-        reference = reference_losses(path, corpus)
-        for name, curve in curves.items():
-            if name.startswith(family):
-                _assert_close(curve, reference, name)
+    four = {4: layouts.pop(4)}  # one family is enough for the 4-process layouts
+    curves = layout_curves(layouts, models, corpus, tmp_path)
+    curves |= layout_curves(four, {"qwen2": models["qwen2"]}, corpus, tmp_path)
+    assert_match_references(curves, models, corpus)
 
 
 def test_ring_attention_with_expert_parallel_experts_matches_the_moe_reference(corpus, tmp_path):

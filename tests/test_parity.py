@@ -7,6 +7,7 @@ one forward per sample, torch's clip_grad_norm_ and AdamW.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -119,6 +120,38 @@ def models(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+def layout_curves(layouts: dict[int, dict], models: dict[str, str], corpus, root) -> dict:
+    """Train every layout (``{processes: {name: settings}}``) of every model family, one
+    process group per process count; the ranks must agree. Returns ``{"family name": curve}``."""
+    curves = {}
+    for processes, runs in layouts.items():
+        named = [
+            (
+                f"{family} {name}",
+                _overrides(path, corpus, str(root / _folder(family, name)), **extra),
+            )
+            for family, path in models.items()
+            for name, extra in runs.items()
+        ]
+        per_rank = run_distributed(_train_runs, processes, named)
+        assert all(rank == per_rank[0] for rank in per_rank), "ranks disagree"
+        curves.update(per_rank[0])
+    return curves
+
+
+def _folder(*parts: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", "-".join(parts))
+
+
+def assert_match_references(curves: dict, models: dict[str, str], corpus) -> None:
+    """Each ``"family ..."`` curve equals the plain loop's reference of its family."""
+    for family, path in models.items():
+        reference = reference_losses(path, corpus)
+        for name, curve in curves.items():
+            if name.startswith(f"{family} "):
+                _assert_close(curve, reference, name)
+
+
 def _assert_close(curve, reference, label):
     assert len(curve) == len(reference) == STEPS, label
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(curve, reference, strict=True)):
@@ -153,11 +186,7 @@ def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
     per_rank = run_distributed(_train_runs, 4, sharded)
     assert all(rank_curves == per_rank[0] for rank_curves in per_rank), "ranks disagree"
     curves.update(per_rank[0])
-    for family, path in models.items():
-        reference = reference_losses(path, corpus)
-        for name, curve in curves.items():
-            if name.startswith(family):
-                _assert_close(curve, reference, name)
+    assert_match_references(curves, models, corpus)
 
 
 def test_sequence_parallel_and_packing_match_unsharded_reference(models, corpus, tmp_path):

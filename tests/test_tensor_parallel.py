@@ -12,7 +12,7 @@ import pytest
 from omniweave.config import load_config
 from tests.distributed import run_distributed
 from tests.models import TINY, hf_model
-from tests.test_parity import _assert_close, _overrides, _train_runs, reference_losses
+from tests.test_parity import assert_match_references, layout_curves
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,8 @@ def test_tensor_parallel_matches_the_unsharded_reference(models, corpus, tmp_pat
             },
         },
     }
-    curves = {}
-    for processes, runs in layouts.items():
-        named = [
-            (f"{family} {name}", _overrides(path, corpus, str(tmp_path / f"{family}{i}"), **extra))
-            for family, path in models.items()
-            for i, (name, extra) in enumerate(runs.items())
-        ]
-        per_rank = run_distributed(_train_runs, processes, named)
-        assert all(rank == per_rank[0] for rank in per_rank), "ranks disagree"
-        curves.update(per_rank[0])
-    for family, path in models.items():
-        reference = reference_losses(path, corpus)
-        for name, curve in curves.items():
-            if name.startswith(family):
-                _assert_close(curve, reference, name)
+    curves = layout_curves(layouts, models, corpus, tmp_path)
+    assert_match_references(curves, models, corpus)
 
 
 def _losses(runs: list[list[str]]) -> list[list[float]]:

@@ -90,6 +90,14 @@ def ring_attention(
     return _ring_by_autograd(query, key, value, layout, group, scaling)
 
 
+def _merge(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running (output, log-sum-exp) with one more block's folded in (online softmax)."""
+    if out is None:
+        return block_out, block_lse
+    merged = torch.logaddexp(lse, block_lse)
+    return out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged), merged
+
+
 def _visible(q_pos, q_sample, k_pos, k_sample) -> torch.Tensor:
     """``[rows, 1, queries, keys]``: key at or before the query, in the same sample."""
     return (k_pos[:, None, None, :] <= q_pos[:, None, :, None]) & (
@@ -124,12 +132,7 @@ class _RingFlash(torch.autograd.Function):
             )
             block_out = torch.nan_to_num(block_out.float())  # rows with no visible key: 0
             block_lse = block_lse.masked_fill(~visible.any(-1), float("-inf"))[..., None]
-            if out is None:
-                out, lse = block_out, block_lse
-            else:
-                merged = torch.logaddexp(lse, block_lse)
-                out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
-                lse = merged
+            out, lse = _merge(out, lse, block_out, block_lse)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse[..., 0], q_pos, q_sample)
         ctx.group, ctx.scaling = group, scaling
@@ -176,10 +179,5 @@ def _ring_by_autograd(query, key, value, layout: RingLayout, group, scaling) -> 
         scores = (q @ key.float().transpose(-1, -2)).masked_fill(~visible, MASKED)
         block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         block_out = torch.softmax(scores, dim=-1) @ value.float()
-        if out is None:
-            out, lse = block_out, block_lse
-        else:
-            merged = torch.logaddexp(lse, block_lse)
-            out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
-            lse = merged
+        out, lse = _merge(out, lse, block_out, block_lse)
     return out.to(query.dtype)
