@@ -250,3 +250,16 @@ def test_chunked_cross_entropy_trains_an_omni_model_like_the_naive_loss(omni_dat
     for a, b in zip(rows["chunked"], rows["naive"], strict=True):  # per output modality too
         assert a["loss_draw"] == pytest.approx(b["loss_draw"], rel=1e-5)
         assert a["loss_text"] == pytest.approx(b["loss_text"], rel=1e-5)
+
+
+def test_bf16_trains_an_omni_model_close_to_fp32(omni_data, tmp_path):
+    """Every encoder's input (pixels, video tubes, log-mel features) is cast to its weights'
+    dtype, so a bf16 run trains and stays near the fp32 curve."""
+    runs = [
+        ("fp32", _args(omni_data, str(tmp_path / "fp32"))),
+        ("bf16", _args(omni_data, str(tmp_path / "bf16"), **{"model.dtype": "bfloat16"})),
+    ]
+    curves = run_distributed(_train_runs, 1, runs)[0]
+    assert len(curves["bf16"]) == len(curves["fp32"])
+    for (loss, _), (ref_loss, _) in zip(curves["bf16"], curves["fp32"], strict=True):
+        assert loss == pytest.approx(ref_loss, rel=2e-2)

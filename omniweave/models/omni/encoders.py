@@ -69,11 +69,12 @@ class VisionEncoder(nn.Module):
 
     def lm_encode(self, images: list[torch.Tensor]) -> torch.Tensor:
         sequences = []
-        device = self.embed.weight.device
+        device, dtype = self.embed.weight.device, self.embed.weight.dtype
         for image in images:
             c, h, w = image.shape
             p = self.patch
-            patches = image.to(device).reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4)
+            patches = image.to(device, dtype).reshape(c, h // p, p, w // p, p)
+            patches = patches.permute(1, 3, 0, 2, 4)
             rows = torch.arange(h // p, device=device)[:, None].expand(h // p, w // p)
             cols = torch.arange(w // p, device=device)[None, :].expand(h // p, w // p)
             x = self.embed(patches.reshape((h // p) * (w // p), -1))
@@ -109,12 +110,12 @@ class VideoEncoder(VisionEncoder):
 
     def lm_encode(self, clips: list[torch.Tensor]) -> torch.Tensor:
         sequences = []
-        device = self.embed.weight.device
+        device, dtype = self.embed.weight.device, self.embed.weight.dtype
         f, p = self.frames_per_patch, self.patch
         for clip in clips:
             t, c, h, w = clip.shape
             t, rows, cols = t // f, h // p, w // p
-            tubes = clip[: t * f].to(device).reshape(t, f, c, rows, p, cols, p)
+            tubes = clip[: t * f].to(device, dtype).reshape(t, f, c, rows, p, cols, p)
             tubes = tubes.permute(0, 3, 5, 1, 2, 4, 6).reshape(t * rows * cols, -1)
             grid = torch.stack(
                 torch.meshgrid(
@@ -202,7 +203,8 @@ class AudioEncoder(nn.Module):
     def lm_encode(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
         sequences = []
         for waveform in waveforms:
-            x = self.log_mel(waveform.to(self.conv1.weight.device)).unsqueeze(0)
+            weight = self.conv1.weight  # features in float32, then the weights' dtype (bf16)
+            x = self.log_mel(waveform.to(weight.device)).to(weight.dtype).unsqueeze(0)
             x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).squeeze(0).transpose(0, 1)
             sequences.append(x + self.position(torch.arange(x.shape[0], device=x.device)))
         return self.project(self.blocks(sequences))
