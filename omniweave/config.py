@@ -70,6 +70,8 @@ class ParallelConfig:
     ep: int = _opt(1, ge=1)
     tp: int = _opt(1, ge=1)  # tensor parallel: each layer's weights split over tp ranks
     cp: int = _opt(1, ge=1)  # ring context parallel: each row split over cp ranks
+    pp: int = _opt(1, ge=1)  # pipeline parallel: the decoder layers cut into pp stages
+    pp_schedule: str = _opt("1f1b", choices=("1f1b", "gpipe"))
     grouped_experts: bool = False  # MoE experts as one grouped GEMM instead of a loop
     ep_chunks: int = _opt(1, ge=1)  # EP dispatch in parts: exchange overlaps expert compute
     async_ulysses: bool = True  # start each value all-to-all when its projection is done

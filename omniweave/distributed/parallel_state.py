@@ -1,10 +1,11 @@
 """ParallelState: the one device mesh, its named axes and the groups derived from it.
 
-Axes, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP
-shards), ``cp`` (ring context parallel), ``sp`` (Ulysses sequence parallel), ``tp`` (tensor
-parallel). ``dp_shard`` is
-always materialised; the others only when their degree exceeds 1. ``tp`` is innermost:
-its collectives run in every block, so its ranks are adjacent (one node, fastest links).
+Axes, outermost first: ``pp`` (pipeline stages), ``dp_replicate`` (HSDP replicas),
+``dp_shard`` (FSDP shards), ``cp`` (ring context parallel), ``sp`` (Ulysses sequence
+parallel), ``tp`` (tensor parallel). ``dp_shard`` is always materialised; the others only
+when their degree exceeds 1. ``tp`` is innermost: its collectives run in every block, so its
+ranks are adjacent (one node, fastest links). ``pp`` is outermost: a stage only sends one
+activation per micro-batch to the next, the least traffic of all, so it can cross nodes.
 ``ep`` is not a mesh axis of its own: expert-parallel groups are carved out of the FSDP
 ranks (``dp_shard x cp x sp``).
 """
@@ -31,6 +32,7 @@ class Degrees:
     ep: int
     tp: int = 1
     cp: int = 1
+    pp: int = 1
 
     @property
     def fsdp(self) -> int:
@@ -62,30 +64,32 @@ def resolve_degrees(
     ep: int = 1,
     tp: int = 1,
     cp: int = 1,
+    pp: int = 1,
 ) -> Degrees:
     """Fill in ``dp_shard=-1`` and check every degree; raise ValueError saying what to change."""
-    named = {"dp_replicate": dp_replicate, "sp": sp, "ep": ep, "tp": tp, "cp": cp}
+    named = {"dp_replicate": dp_replicate, "sp": sp, "ep": ep, "tp": tp, "cp": cp, "pp": pp}
     for name, value in named.items():
         if value < 1:
             raise ValueError(f"parallel.{name}={value}: degrees must be >= 1.")
     if dp_shard == -1:
-        fixed = dp_replicate * cp * sp * tp
+        fixed = pp * dp_replicate * cp * sp * tp
         if world_size % fixed:
             raise ValueError(
-                f"parallel.dp_replicate x cp x sp x tp = {dp_replicate} x {cp} x {sp} x {tp} = "
+                f"parallel.pp x dp_replicate x cp x sp x tp = {pp} x {dp_replicate} x {cp} x "
+                f"{sp} x {tp} = "
                 f"{fixed} does not divide the world size {world_size}; choose degrees whose "
                 f"product divides {world_size} (or change the number of processes)."
             )
         dp_shard = world_size // fixed
     elif dp_shard < 1:
         raise ValueError(f"parallel.dp_shard={dp_shard}: use a degree >= 1, or -1 for the rest.")
-    product = dp_replicate * dp_shard * cp * sp * tp
+    product = pp * dp_replicate * dp_shard * cp * sp * tp
     if product != world_size:
         raise ValueError(
-            f"parallel.dp_replicate x dp_shard x cp x sp x tp = {dp_replicate} x {dp_shard} x "
-            f"{cp} x {sp} x {tp} = {product}, but {world_size} processes are running; make the "
-            f"product equal the number of processes (start {product} with --nproc {product} or "
-            "torchrun), or set parallel.dp_shard=-1 to use whatever is left."
+            f"parallel.pp x dp_replicate x dp_shard x cp x sp x tp = {pp} x {dp_replicate} x "
+            f"{dp_shard} x {cp} x {sp} x {tp} = {product}, but {world_size} processes are "
+            f"running; make the product equal the number of processes (start {product} with "
+            f"--nproc {product} or torchrun), or set parallel.dp_shard=-1 to use whatever is left."
         )
 
     if tp > 1 and ep > 1:
@@ -93,7 +97,12 @@ def resolve_degrees(
             f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
             "expert parallelism yet; use tp with dp_shard, dp_replicate and sp."
         )
-    degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp, cp)
+    if pp > 1 and (sp > 1 or cp > 1 or tp > 1 or ep > 1):
+        raise ValueError(
+            f"parallel.pp={pp} composes with dp_shard and dp_replicate only yet; use "
+            "parallel.sp, cp, tp and ep = 1 with it."
+        )
+    degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp, cp, pp)
     if degrees.fsdp % ep:
         raise ValueError(
             f"parallel.ep={ep} must divide the FSDP ranks dp_shard x sp = {degrees.fsdp}; "
@@ -164,7 +173,8 @@ class ParallelState:
         self.device = device
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        axes = [("dp_replicate", degrees.dp_replicate), ("dp_shard", degrees.dp_shard)]
+        axes = [("pp", degrees.pp), ("dp_replicate", degrees.dp_replicate)]
+        axes += [("dp_shard", degrees.dp_shard)]
         axes += [("cp", degrees.cp), ("sp", degrees.sp), ("tp", degrees.tp)]
         axes = [(name, size) for name, size in axes if size > 1 or name == "dp_shard"]
         self.mesh: DeviceMesh = init_device_mesh(
@@ -219,6 +229,16 @@ class ParallelState:
         return self.mesh["cp"].get_local_rank() if self.degrees.cp > 1 else 0
 
     @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The ranks of one pipeline, a stage each (None without pipeline parallelism)."""
+        return self.mesh["pp"].get_group() if self.degrees.pp > 1 else None
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage."""
+        return self.mesh["pp"].get_local_rank() if self.degrees.pp > 1 else 0
+
+    @property
     def tp_mesh(self) -> DeviceMesh | None:
         """The ranks that split each layer's weights (None without tensor parallelism)."""
         return self.mesh["tp"] if self.degrees.tp > 1 else None
@@ -240,7 +260,8 @@ class ParallelState:
 
     def describe(self) -> str:
         d = self.degrees
-        extra = "".join(f" {name}={n}" for name, n in (("cp", d.cp), ("tp", d.tp)) if n > 1)
+        named = (("cp", d.cp), ("tp", d.tp), ("pp", d.pp))
+        extra = "".join(f" {name}={n}" for name, n in named if n > 1)
         return (
             f"world={self.world_size} dp_replicate={d.dp_replicate} dp_shard={d.dp_shard} "
             f"sp={d.sp} ep={d.ep}{extra} device={self.device.type}"

@@ -23,6 +23,7 @@ from omniweave.distributed.activations import apply_activation_checkpointing
 from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
+from omniweave.distributed.pipeline import split_stage
 from omniweave.distributed.plan import shard_parameters
 from omniweave.distributed.tensor_parallel import apply_tensor_parallel
 from omniweave.models.lora import LoraSettings, adapter_init, add_adapters, base_name, is_adapter
@@ -73,8 +74,9 @@ def build_model(
     kernels: tuple[str, bool] = ("torch", False),
     lora: LoraSettings | None = None,
 ) -> nn.Module:
-    """Meta-device init, LoRA adapters, TP, EP, activation checkpointing (mode, every k-th
-    block) and FSDP2 per the family's recipe, then load ``path`` or init from ``seed``;
+    """Meta-device init, LoRA adapters, the pipeline stage's part, TP, EP, activation
+    checkpointing (mode, every k-th block) and FSDP2 per the family's recipe, then load
+    ``path`` or init from ``seed``;
     ``state=None``: one plain CPU model. ``grouped_experts``: MoE experts compute with one
     grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an
     OmniModel with these encoders in front (``path`` then holds the foundation only;
@@ -89,6 +91,8 @@ def build_model(
             model = OmniModel.from_config(foundation, omni["encoders"])
             model.encoders.requires_grad_(omni.get("train_encoders", True))
     renamings = checkpoint_renamings(foundation)
+    if state is not None and state.degrees.pp > 1:  # this rank's stage only, names kept
+        split_stage(foundation, state.pp_rank, state.degrees.pp)
     prefix = "foundation." if omni else ""
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:

@@ -14,6 +14,7 @@ from omniweave.data.processors import load_tokenizer
 from omniweave.data.sources import check_sources, source_specs
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
+from omniweave.distributed.pipeline import check_pipeline
 from omniweave.distributed.tensor_parallel import check_tensor_parallel
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
@@ -28,7 +29,7 @@ from omniweave.train.checkpoint import resolve_resume
 def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
     """Every check that needs no process group: a user mistake fails here, on each rank alike."""
     p = cfg.parallel
-    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep, p.tp, p.cp)
+    degrees = resolve_degrees(world_size, p.dp_replicate, p.dp_shard, p.sp, p.ep, p.tp, p.cp, p.pp)
     check_backend(cfg.model.attn_implementation)
     check_kernels(cfg.train.kernels)
     resolve_resume(cfg.checkpoint.resume, cfg.train.output_dir)  # a wrong folder fails here
@@ -60,6 +61,8 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             f"parallel.cp={degrees.cp} does not compose with multimodal models yet; use "
             "parallel.sp for their long sequences."
         )
+    if degrees.pp > 1:
+        check_pipeline_run(cfg, hf_config, degrees.pp, native)
     if degrees.tp > 1:
         with torch.device("meta"):
             check_tensor_parallel(model_from_config(hf_config), degrees.tp)
@@ -98,3 +101,24 @@ def check_lora(entry: dict, hf_config: PretrainedConfig) -> LoraSettings:
     with torch.device("meta"):
         target_names(model_from_config(hf_config), settings.target_modules)
     return settings
+
+
+def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native: bool) -> None:
+    """What ``parallel.pp`` does not serve yet, in one line each; then the model's cut."""
+    t = cfg.train
+    unsupported = {
+        "multimodal models": native or bool(cfg.model.omni),
+        "model.lora": cfg.model.lora is not None,
+        "train.cross_entropy=chunked": t.cross_entropy == "chunked",
+        "data.eval_path": bool(cfg.data.eval_path),
+        "train.save_final and export_hf_at_end (export a checkpoint instead)": (
+            t.save_final or t.export_hf_at_end
+        ),
+        "mixture-of-experts models": hasattr(hf_config.get_text_config(), "num_experts")
+        or hasattr(hf_config.get_text_config(), "num_local_experts"),
+    }
+    for what, used in unsupported.items():
+        if used:
+            raise ValueError(f"parallel.pp={pp} does not compose with {what} yet; use pp=1.")
+    with torch.device("meta"):
+        check_pipeline(hf_config, pp, model_from_config(hf_config))

@@ -46,8 +46,9 @@ def build_scheduler(
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, stages=None) -> torch.Tensor:
     """Global L2 norm of all gradients (plain or DTensor, any meshes); clip when max_norm > 0.
+    ``stages``: the pipeline's group, whose ranks hold different parameters.
 
     Partial gradients (tensor parallelism's replicated weights) are summed first. Then
     gradients are grouped by mesh and placements: each group's local sum of squares is
@@ -75,7 +76,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
                 if not placement.is_replicate():  # Shard or FSDP's _StridedShard
                     dist.all_reduce(square, group=mesh.get_group(dim))
         squares.append(square)
-    total = torch.stack(squares).sum().sqrt().float() if squares else torch.tensor(0.0)
+    square = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if stages is not None:  # every stage holds gradients
+        dist.all_reduce(square, group=stages)
+    total = square.sqrt().float()
     coefficient = max_norm / (float(total) + 1e-6)
     if max_norm > 0 and coefficient < 1.0:
         for grad in grads:

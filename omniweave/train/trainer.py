@@ -23,11 +23,13 @@ from omniweave.data.loader import build_step_batches, default_workers, prefetche
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
+from omniweave.distributed.fsdp import DTYPES
 from omniweave.distributed.parallel_state import (
     ParallelState,
     device_for_rank,
     init_process_group,
 )
+from omniweave.distributed.pipeline import Pipeline
 from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
@@ -42,6 +44,7 @@ from omniweave.models.omni.model import (
     build_encoders,
     import_plugins,
 )
+from omniweave.models.registry import model_from_config
 from omniweave.models.weights import save_full_weights
 from omniweave.ops.cross_entropy import install_loss_head
 from omniweave.train.checkpoint import Checkpointer, choose_checkpoint, set_aside
@@ -131,6 +134,16 @@ class Trainer:
         if self.omni_parts and degrees.sp > 1:  # embeddings are built whole; the stack gets a slice
             stack = self.model.model.language_model if self.native else self.foundation.model
             split_sequence_inputs(stack, self.state.sp_group)
+        self.pipeline = None
+        if degrees.pp > 1:
+            self.pipeline = Pipeline(
+                self.model,
+                self.state.pp_rank,
+                degrees.pp,
+                self.state.pp_group,
+                cfg.parallel.pp_schedule,
+                self.state.device,
+            )
         self.hf_config = hf_config
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
         self.router_loss = (
@@ -145,7 +158,11 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, t.lr_schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio
         )
-        self.dense_flops, self.attention_flops = flops_per_token(self.model, hf_config)
+        whole = self.model
+        if self.pipeline is not None:  # FLOPs of the whole model, not of this rank's stage
+            with torch.device("meta"):
+                whole = model_from_config(hf_config)
+        self.dense_flops, self.attention_flops = flops_per_token(whole, hf_config)
         self.batches = build_step_batches(
             cfg,
             self.state,
@@ -254,38 +271,18 @@ class Trainer:
         # (or / its samples, each token loss weighted by 1 / its sample's label tokens).
         denominator = max(samples if by_sample else label_tokens, 1)  # 0: all samples dropped
         scale = self.state.degrees.dp * self.state.degrees.sequence / denominator
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         # Each output modality's token-loss sum, then all tokens' (unweighted) for the text's.
         output_sums = torch.zeros(len(self.output_ranges) + 1, dtype=torch.float64, device=device)
-        aux_sum, expert_counts = 0.0, None
-        for index, batch in enumerate(batches):
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(index == len(batches) - 1)
-            token_losses, targets, router_logits = self._token_loss(batch)
-            if by_sample:
-                token_loss = (token_losses * self._local(batch.sample_weights).flatten()).sum()
-            else:
-                token_loss = token_losses.sum()
-            loss = token_loss * scale
-            for slot, modality in enumerate(self.output_ranges):
-                in_range = self._in_range(targets, modality)
-                output_sums[slot] += token_losses.detach()[in_range].sum()
-            output_sums[-1] += token_losses.detach().sum()
-            if router_logits is not None:
-                aux, expert_tokens = self.router_loss(
-                    router_logits, self._local(batch.real).flatten()
-                )
-                # Every rank holds the same aux value; its gradient reaches each rank's tokens
-                # through the gather, summed over ranks, which the gradient average undoes.
-                loss = loss + self.router_loss.coefficient * aux / len(batches)
-                aux_sum += float(aux.detach()) / len(batches)
-                expert_counts = (
-                    expert_tokens if expert_counts is None else expert_counts + expert_tokens
-                )
-            with self.loss_context():
-                loss.backward()
-            loss_sum += token_loss.detach()
-        grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm)
+        if self.pipeline is not None:  # the last stage's losses; every stage's gradients
+            dtype = DTYPES[self.cfg.model.dtype]
+            loss_sum = self.pipeline.step(batches, scale, dtype, by_sample)
+            dist.all_reduce(loss_sum, group=self.state.pp_group)
+            aux_sum, expert_counts = 0.0, None
+        else:
+            loss_sum, aux_sum, expert_counts = self._backward(
+                batches, scale, by_sample, output_sums
+            )
+        grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm, self.state.pp_group)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         # Both figures are global, so every rank takes the same decision.
         bad = not (math.isfinite(float(grad_norm)) and math.isfinite(float(loss_sum)))
@@ -324,6 +321,43 @@ class Trainer:
             "non_padding": input_tokens / row_tokens,
             "flops": flops,
         }
+
+    def _backward(
+        self, batches: list[MicroBatch], scale: float, by_sample: bool, output_sums: torch.Tensor
+    ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """Forward and backward of each micro-batch, its loss times ``scale``; adds each output
+        modality's token losses to ``output_sums``. Returns the token-loss sum, the mean aux
+        loss and the tokens per expert (MoE)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.state.device)
+        aux_sum, expert_counts = 0.0, None
+        for index, batch in enumerate(batches):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+            token_losses, targets, router_logits = self._token_loss(batch)
+            if by_sample:
+                token_loss = (token_losses * self._local(batch.sample_weights).flatten()).sum()
+            else:
+                token_loss = token_losses.sum()
+            loss = token_loss * scale
+            for slot, modality in enumerate(self.output_ranges):
+                in_range = self._in_range(targets, modality)
+                output_sums[slot] += token_losses.detach()[in_range].sum()
+            output_sums[-1] += token_losses.detach().sum()
+            if router_logits is not None:
+                aux, expert_tokens = self.router_loss(
+                    router_logits, self._local(batch.real).flatten()
+                )
+                # Every rank holds the same aux value; its gradient reaches each rank's tokens
+                # through the gather, summed over ranks, which the gradient average undoes.
+                loss = loss + self.router_loss.coefficient * aux / len(batches)
+                aux_sum += float(aux.detach()) / len(batches)
+                expert_counts = (
+                    expert_tokens if expert_counts is None else expert_counts + expert_tokens
+                )
+            with self.loss_context():
+                loss.backward()
+            loss_sum += token_loss.detach()
+        return loss_sum, aux_sum, expert_counts
 
     def _local(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full-sequence tensor (the sequence dim is last): its two
