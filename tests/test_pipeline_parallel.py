@@ -1,0 +1,126 @@
+"""Pipeline parallelism (``parallel.pp``): the unmodified HF model cut into stages trains the
+curve of the plain model in a plain PyTorch loop under each schedule, padded and packed, with
+FSDP; its checkpoints resume on a layout without pipelining and the reverse; the stages are
+balanced by parameter count; mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omniweave.config import load_config
+from omniweave.distributed.pipeline import stage_layers
+from tests.distributed import run_distributed
+from tests.models import TINY, hf_model
+from tests.test_parity import assert_match_references, layout_curves
+
+UNTIED = {"tie_word_embeddings": False}  # pp refuses tied embeddings (first and last stage)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    # qwen2: GQA (4 heads, 2 KV heads); llama with 3 layers: stages of unequal layer counts
+    for family, layers in (("qwen2", 2), ("llama", 3)):
+        paths[family] = str(tmp_path_factory.mktemp(family))
+        model = hf_model(family, seed=1, num_hidden_layers=layers, **UNTIED)
+        model.save_pretrained(paths[family])
+    return paths
+
+
+def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
+    layouts = {
+        2: {
+            "pp=2 1f1b": {"parallel.pp": 2, "train.micro_batch_size": 2},
+            "pp=2 gpipe packed": {
+                "parallel.pp": 2,
+                "parallel.pp_schedule": "gpipe",
+                "data.packing": True,
+                "train.micro_batch_size": 2,
+            },
+        },
+        4: {
+            "pp=2 x dp_shard=2 packed under a token budget, checkpointed": {
+                "parallel.pp": 2,
+                "parallel.dp_shard": 2,
+                "data.packing": True,
+                "data.max_tokens_per_microbatch": 128,
+                "train.activation_checkpointing": "full",
+            },
+        },
+    }
+    curves = layout_curves(layouts, models, corpus, tmp_path)
+    assert_match_references(curves, models, corpus)
+
+
+def _losses(runs: list[list[str]]) -> list[list[float]]:
+    from omniweave.train.trainer import Trainer
+
+    return [[row["loss"] for row in Trainer(load_config(None, args)).run()] for args in runs]
+
+
+def _args(corpus: dict, out: str, **settings) -> list[str]:
+    base = {
+        "model.config": {**TINY["llama"], "num_hidden_layers": 4, **UNTIED},
+        "data.train_path": corpus["train_path"],
+        "data.tokenizer_path": corpus["tokenizer_path"],
+        "data.max_seq_len": 64,
+        "train.output_dir": out,
+        "train.max_steps": 6,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.lr": 3e-3,
+        "train.peak_flops": 1e12,
+        "checkpoint.every_steps": 3,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "log.plot": False,
+    }
+    return [f"--{key}={json.dumps(value)}" for key, value in {**base, **settings}.items()]
+
+
+def test_checkpoints_reshard_between_pipeline_and_fsdp(corpus, tmp_path):
+    pp = {"parallel.pp": 2, "parallel.dp_shard": 1}
+    fsdp = {"parallel.dp_shard": 2}
+    runs = []
+    for first, then, name in ((pp, fsdp, "pp_to_fsdp"), (fsdp, pp, "fsdp_to_pp")):
+        straight = str(tmp_path / name / "straight")
+        saved = f"{straight}/checkpoints/step_00000003"
+        resumed = _args(
+            corpus, str(tmp_path / name / "resumed"), **then, **{"checkpoint.resume": saved}
+        )
+        runs.append((_args(corpus, straight, **first), resumed))
+    straight = run_distributed(_losses, 2, [first for first, _ in runs])[0]
+    resumed = run_distributed(_losses, 2, [then for _, then in runs])[0]
+    for losses, continued in zip(straight, resumed, strict=True):
+        assert len(continued) == 3
+        for a, b in zip(losses[3:], continued, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)
+
+
+def test_stages_are_balanced_by_parameter_count():
+    # the embeddings and the head weigh two layers each: 8 layers cut in 4 stages
+    ranges = stage_layers([1] * 8, (2, 2), 4)
+    assert [len(r) for r in ranges] == [1, 3, 3, 1]
+    assert [r.start for r in ranges] == [0, 1, 4, 7]
+    with pytest.warns(UserWarning, match="uneven stages"):
+        stage_layers([1, 1, 1], (0, 0), 2)  # 2 and 1 layers
+
+
+def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
+    from omniweave.train.checks import validate
+
+    def error(world: int, config: dict | None = None, **settings) -> str:
+        config = config or {**TINY["llama"], **UNTIED}
+        args = _args(corpus, str(tmp_path / "x"), **{"model.config": config}, **settings)
+        with pytest.raises(ValueError) as caught:
+            validate(load_config(None, args), world)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert "more than the model's 2 decoder layers" in error(4, **{"parallel.pp": 4})
+    assert "tied" in error(2, TINY["qwen2"], **{"parallel.pp": 2})
+    assert "dp_shard and dp_replicate only" in error(4, **{"parallel.pp": 2, "parallel.tp": 2})
+    assert "mixture-of-experts" in error(2, {**TINY["qwen3_moe"], **UNTIED}, **{"parallel.pp": 2})
+    assert "chunked" in error(2, **{"parallel.pp": 2, "train.cross_entropy": "chunked"})
