@@ -81,8 +81,7 @@ def stage_layers(layer_sizes: list[int], head_sizes: tuple[int, int], stages: in
     if max(sizes) > 1.1 * min(sizes):
         warnings.warn(
             f"parallel.pp={stages}: stages hold {', '.join(f'{s / 1e6:.2f}M' for s in sizes)} "
-            "parameters (the embeddings and LM head weigh like whole layers); uneven stages "
-            "wait on the largest.",
+            "parameters; the others wait on the largest (whole layers cannot be split).",
             stacklevel=2,
         )
     return ranges
