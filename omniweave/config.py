@@ -71,7 +71,8 @@ class ParallelConfig:
     tp: int = _opt(1, ge=1)  # tensor parallel: each layer's weights split over tp ranks
     cp: int = _opt(1, ge=1)  # ring context parallel: each row split over cp ranks
     pp: int = _opt(1, ge=1)  # pipeline parallel: the decoder layers cut into pp stages
-    pp_schedule: str = _opt("1f1b", choices=("1f1b", "gpipe"))
+    pp_schedule: str = _opt("1f1b", choices=("1f1b", "gpipe", "interleaved_1f1b"))
+    pp_virtual_stages: int = _opt(1, ge=1)  # stages per pipeline rank (interleaved_1f1b: >= 2)
     grouped_experts: bool = False  # MoE experts as one grouped GEMM instead of a loop
     ep_chunks: int = _opt(1, ge=1)  # EP dispatch in parts: exchange overlaps expert compute
     async_ulysses: bool = True  # start each value all-to-all when its projection is done

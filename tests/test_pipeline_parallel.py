@@ -1,7 +1,7 @@
 """Pipeline parallelism (``parallel.pp``): the unmodified HF model cut into stages trains the
-curve of the plain model in a plain PyTorch loop under each schedule, padded and packed, with
-FSDP; its checkpoints resume on a layout without pipelining and the reverse; the stages are
-balanced by parameter count; mistakes are one-line errors."""
+curve of the plain model in a plain PyTorch loop under each schedule (1F1B, GPipe, interleaved
+1F1B), padded and packed, with FSDP; its checkpoints resume on a layout without pipelining
+and the reverse; the stages are balanced by parameter count; mistakes are one-line errors."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ UNTIED = {"tie_word_embeddings": False}  # pp refuses tied embeddings (first and
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     paths = {}
-    # qwen2: GQA (4 heads, 2 KV heads); llama with 3 layers: stages of unequal layer counts
-    for family, layers in (("qwen2", 2), ("llama", 3)):
+    # qwen2: GQA (4 heads, 2 KV heads); llama with 5 layers: stages of unequal layer counts
+    for family, layers in (("qwen2", 4), ("llama", 5)):
         paths[family] = str(tmp_path_factory.mktemp(family))
         model = hf_model(family, seed=1, num_hidden_layers=layers, **UNTIED)
         model.save_pretrained(paths[family])
@@ -38,6 +38,12 @@ def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
                 "parallel.pp_schedule": "gpipe",
                 "data.packing": True,
                 "train.micro_batch_size": 2,
+            },
+            "pp=2 interleaved, 2 stages per rank": {
+                "parallel.pp": 2,
+                "parallel.pp_schedule": "interleaved_1f1b",
+                "parallel.pp_virtual_stages": 2,
+                "train.micro_batch_size": 1,
             },
         },
         4: {
@@ -104,7 +110,7 @@ def test_stages_are_balanced_by_parameter_count():
     ranges = stage_layers([1] * 8, (2, 2), 4)
     assert [len(r) for r in ranges] == [1, 3, 3, 1]
     assert [r.start for r in ranges] == [0, 1, 4, 7]
-    with pytest.warns(UserWarning, match="uneven stages"):
+    with pytest.warns(UserWarning, match="wait on the largest"):
         stage_layers([1, 1, 1], (0, 0), 2)  # 2 and 1 layers
 
 
@@ -120,6 +126,11 @@ def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
         return str(caught.value)
 
     assert "more than the model's 2 decoder layers" in error(4, **{"parallel.pp": 4})
+    interleaved = {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"}
+    assert "2 or more stages per rank" in error(2, **interleaved)
+    assert "pp_virtual_stages=2 stages are more" in error(
+        2, **interleaved, **{"parallel.pp_virtual_stages": 2}
+    )
     assert "tied" in error(2, TINY["qwen2"], **{"parallel.pp": 2})
     assert "dp_shard and dp_replicate only" in error(4, **{"parallel.pp": 2, "parallel.tp": 2})
     assert "mixture-of-experts" in error(2, {**TINY["qwen3_moe"], **UNTIED}, **{"parallel.pp": 2})

@@ -1,12 +1,13 @@
-"""Pipeline parallelism (``parallel.pp``): the decoder layers are cut into ``pp`` stages, one
-per pipeline rank, and ``torch.distributed.pipelining`` runs each step's micro-batches through
-them under a schedule (``1f1b`` or ``gpipe``).
+"""Pipeline parallelism (``parallel.pp``): the decoder layers are cut into stages, one per
+pipeline rank (or ``parallel.pp_virtual_stages`` per rank, looped, for ``interleaved_1f1b``),
+and ``torch.distributed.pipelining`` runs each step's micro-batches through them under the
+schedule ``1f1b``, ``gpipe`` or ``interleaved_1f1b``.
 
 A rank keeps the Hugging Face model it built on the meta device but only its own part of it:
-the layers of its stage (the others become empty placeholders, so every parameter keeps its
-original name and checkpoints reshard to and from any other layout), the embeddings on the
-first stage, the final norm and LM head on the last. The instance's ``forward`` is replaced by
-the stage's: hidden states in and out, token losses out of the last stage.
+the layers of its stages (the others become empty placeholders, so every parameter keeps its
+original name and checkpoints reshard to and from any other layout), the embeddings with the
+first stage, the final norm and LM head with the last. The instance's ``forward`` is replaced
+by the stages': hidden states in and out, token losses out of the last stage.
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ from transformers import PretrainedConfig
 
 from omniweave.data.processors import IGNORE_INDEX
 
-SCHEDULES = ("1f1b", "gpipe")
 
-
-def check_pipeline(config: PretrainedConfig, pp: int, model: nn.Module) -> None:
-    """ValueError, before any process group, for a model ``pp`` stages cannot cut."""
-    layers = config.get_text_config().num_hidden_layers
-    if pp > layers:
+def check_pipeline(
+    config: PretrainedConfig, pp: int, virtual: int, schedule: str, model: nn.Module
+) -> None:
+    """ValueError, before any process group, for a model the stages cannot cut or a schedule
+    that does not match the stages per rank."""
+    if (schedule == "interleaved_1f1b") != (virtual > 1):
         raise ValueError(
-            f"parallel.pp={pp} is more than the model's {layers} decoder layers; each stage "
-            f"needs at least one: use parallel.pp <= {layers}."
+            f"parallel.pp_schedule={schedule} with parallel.pp_virtual_stages={virtual}: "
+            "interleaved_1f1b runs 2 or more stages per rank, 1f1b and gpipe one."
+        )
+    layers = config.get_text_config().num_hidden_layers
+    if pp * virtual > layers:
+        split = f"parallel.pp={pp}" + (f" x pp_virtual_stages={virtual}" if virtual > 1 else "")
+        raise ValueError(
+            f"{split} stages are more than the model's {layers} decoder layers; each stage "
+            f"needs at least one: use at most {layers} stages."
         )
     base = getattr(model, "model", None)
     parts = ("embed_tokens", "layers", "norm", "rotary_emb")
@@ -87,39 +95,49 @@ def stage_layers(layer_sizes: list[int], head_sizes: tuple[int, int], stages: in
     return ranges
 
 
-def split_stage(model: nn.Module, stage: int, stages: int) -> range:
-    """Keep only ``stage``'s part of ``model`` (on the meta device) and give it the stage's
-    forward; returns the stage's layer indices."""
-    base = model.model
+def rank_stages(rank: int, pp: int, virtual: int) -> list[int]:
+    """The stages pipeline rank ``rank`` runs: ``rank``, ``rank + pp``, ... (``virtual`` of
+    them; interleaved schedules loop the micro-batches through the ranks that many times)."""
+    return [rank + pp * index for index in range(virtual)]
+
+
+def split_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1) -> dict[int, range]:
+    """Keep only pipeline rank ``rank``'s stages of ``model`` (on the meta device) and give it
+    the stages' forward; returns each of its stages' layer indices."""
+    base, stages = model.model, pp * virtual
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in base.layers]
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     heads = (count(base.embed_tokens), count(base.norm) + count(model.lm_head))
-    owned = stage_layers(sizes, heads, stages)[stage]
+    ranges = stage_layers(sizes, heads, stages)
+    owned = {stage: ranges[stage] for stage in rank_stages(rank, pp, virtual)}
+    kept = {index for layers in owned.values() for index in layers}
     for index in range(len(base.layers)):
-        if index not in owned:
+        if index not in kept:
             base.layers[index] = nn.Module()  # no parameters; the others keep their names
-    if stage > 0:
+    if 0 not in owned:
         base.embed_tokens = None
-    if stage < stages - 1:
+    if stages - 1 not in owned:
         base.norm = None
         model.lm_head = None
-    model.forward = types.MethodType(_make_forward(owned), model)
+    model.forward = types.MethodType(_make_forward(owned, stages), model)
     return owned
 
 
-def _make_forward(owned: range):
-    def forward(self, x, position_ids, targets, weights):
-        """The stage: token ids (first) or hidden states in; hidden states out, or from the
-        last stage each token's cross-entropy times its weight (0 where no target)."""
+def _make_forward(owned: dict[int, range], stages: int):
+    def forward(self, x, position_ids, targets, weights, stage: int | None = None):
+        """A stage (the rank's only one by default): token ids (first) or hidden states in;
+        hidden states out, or from the last stage each token's cross-entropy times its
+        weight (0 where no target)."""
+        stage = next(iter(owned)) if stage is None else stage
         base = self.model
-        hidden = base.embed_tokens(x) if base.embed_tokens is not None else x
+        hidden = base.embed_tokens(x) if stage == 0 else x
         extra = {}
         if position_ids.shape[0] == 1:  # a packed row: samples start where positions restart
             starts = torch.nonzero(position_ids[0] == 0).flatten()
             end = torch.tensor([position_ids.shape[1]], device=starts.device)
             extra["cu_seq_lens_q"] = torch.cat([starts, end]).int()
         position_embeddings = base.rotary_emb(hidden, position_ids)
-        for index in owned:
+        for index in owned[stage]:
             hidden = base.layers[index](
                 hidden,
                 position_ids=position_ids,
@@ -129,7 +147,7 @@ def _make_forward(owned: range):
             )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        if self.lm_head is None:
+        if stage < stages - 1:
             return hidden
         logits = self.lm_head(base.norm(hidden)).float()
         losses = F.cross_entropy(
@@ -138,6 +156,18 @@ def _make_forward(owned: range):
         return losses.view_as(weights) * weights
 
     return forward
+
+
+class _StageView(nn.Module):
+    """One of a rank's several stages: calls the rank's model (an FSDP root, whose hooks must
+    run) for that stage. The model is not registered as a child: the view holds no state."""
+
+    def __init__(self, model: nn.Module, stage: int):
+        super().__init__()
+        self.__dict__["root"], self.stage = model, stage
+
+    def forward(self, *args, **kwargs):
+        return self.root(*args, stage=self.stage, **kwargs)
 
 
 def _padded(batch, rows: int, width: int, by_sample: bool) -> tuple:
@@ -161,45 +191,67 @@ def _padded(batch, rows: int, width: int, by_sample: bool) -> tuple:
 
 
 class Pipeline:
-    """Runs one rank's stage of the model over a step's micro-batches under a schedule.
+    """Runs one rank's stages of the model over a step's micro-batches under a schedule.
 
     Every micro-batch of a step is padded to one shape (the schedules send fixed-size
-    activations); a new shape or micro-batch count builds a new stage and schedule."""
+    activations); a new shape or micro-batch count builds new stages and a new schedule."""
 
-    def __init__(self, model: nn.Module, stage: int, stages: int, group, schedule: str, device):
-        self.model, self.stage, self.stages = model, stage, stages
-        self.group, self.schedule_name, self.device = group, schedule, device
+    def __init__(self, model: nn.Module, rank: int, pp: int, virtual: int, group, schedule: str):
+        self.model, self.pp, self.virtual = model, pp, virtual
+        self.stage_indices = rank_stages(rank, pp, virtual)
+        self.group, self.schedule_name = group, schedule
+        self.device = next(model.parameters()).device
         self.hidden_size = model.config.get_text_config().hidden_size
         self._key, self._built = None, None
-        self.token_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.token_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.scale = 1.0
 
+    def _stage(self, index: int, rows: int, width: int, dtype: torch.dtype):
+        from torch.distributed.pipelining import PipelineStage
+
+        last = self.pp * self.virtual - 1
+        shape = (rows, width, self.hidden_size)  # requires grad: the gradient flows back
+        hidden = torch.empty(shape, dtype=dtype, device=self.device, requires_grad=True)
+        ids = torch.empty(rows, width, dtype=torch.long, device=self.device)
+        losses = torch.empty(rows, width, device=self.device)
+        module = self.model if self.virtual == 1 else _StageView(self.model, index)
+        return PipelineStage(
+            module,
+            index,
+            self.pp * self.virtual,
+            self.device,
+            input_args=(ids if index == 0 else hidden,),
+            output_args=(losses if index == last else hidden,),
+            input_grads=(None if index == 0 else hidden,),
+            output_grads=(None if index == last else hidden,),
+            group=self.group,
+        )
+
     def _schedule(self, count: int, rows: int, width: int, dtype: torch.dtype):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleLoopedBFS,
+        )
 
         key = (count, rows, width, dtype)
-        if key != self._key:  # one shape at a time: the old stage's buffers are freed
-            shape = (rows, width, self.hidden_size)  # requires grad: the gradient flows back
-            hidden = torch.empty(shape, dtype=dtype, device=self.device, requires_grad=True)
-            first, last = self.stage == 0, self.stage == self.stages - 1
-            ids = torch.empty(rows, width, dtype=torch.long, device=self.device)
-            losses = torch.empty(rows, width, device=self.device)
-            stage = PipelineStage(
-                self.model,
-                self.stage,
-                self.stages,
-                self.device,
-                input_args=(ids if first else hidden,),
-                output_args=(losses if last else hidden,),
-                input_grads=(None if first else hidden,),
-                output_grads=(None if last else hidden,),
-                group=self.group,
-            )
+        if key == self._key:
+            return self._built
+        stages = [self._stage(index, rows, width, dtype) for index in self.stage_indices]
+        options = dict(loss_fn=self._loss, scale_grads=False)
+        if self.virtual > 1:
+            rounds = max(1, count // self.pp)
+            # interleaved 1F1B needs the micro-batches in whole rounds; looped BFS runs any
+            kind = ScheduleInterleaved1F1B if count % rounds == 0 else ScheduleLoopedBFS
+            schedule = kind(stages, count, **options)
+        else:
             kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[self.schedule_name]
-            if count < self.stages:  # 1F1B needs a micro-batch per stage; GPipe runs any count
+            if count < self.pp:  # 1F1B needs a micro-batch per stage; GPipe runs any count
                 kind = ScheduleGPipe
-            self._key, self._built = key, kind(stage, count, loss_fn=self._loss, scale_grads=False)
-        return self._built
+            schedule = kind(stages[0], count, **options)
+        self._key, self._built = key, schedule  # one shape at a time: the old buffers go
+        return schedule
 
     def _loss(self, weighted_losses: torch.Tensor, _target) -> torch.Tensor:
         total = weighted_losses.sum()
@@ -210,7 +262,8 @@ class Pipeline:
         self, batches: list, scale: float, dtype: torch.dtype, by_sample: bool
     ) -> torch.Tensor:
         """Forward and backward of all ``batches``, each micro-batch's loss times ``scale``;
-        returns the sum of their weighted token losses on the last stage (0 elsewhere)."""
+        returns the sum of their weighted token losses on the last stage's rank (0
+        elsewhere)."""
         rows = max(b.input_ids.shape[0] for b in batches)
         width = max(b.input_ids.shape[1] for b in batches)
         parts = [_padded(b, rows, width, by_sample) for b in batches]
@@ -220,7 +273,7 @@ class Pipeline:
         self.scale = scale
         self.token_loss_sum.zero_()
         schedule = self._schedule(len(batches), rows, width, dtype)
-        args = (ids,) if self.stage == 0 else ()
+        args = (ids,) if 0 in self.stage_indices else ()
         kwargs = {"position_ids": positions, "targets": targets, "weights": weights}
         schedule.step(*args, target=targets, **kwargs)
         return self.token_loss_sum.clone()

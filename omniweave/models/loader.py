@@ -73,6 +73,7 @@ def build_model(
     ep_chunks: int = 1,
     kernels: tuple[str, bool] = ("torch", False),
     lora: LoraSettings | None = None,
+    pp_virtual_stages: int = 1,
 ) -> nn.Module:
     """Meta-device init, LoRA adapters, the pipeline stage's part, TP, EP, activation
     checkpointing (mode, every k-th block) and FSDP2 per the family's recipe, then load
@@ -81,7 +82,7 @@ def build_model(
     grouped GEMM; ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an
     OmniModel with these encoders in front (``path`` then holds the foundation only;
     ``train_encoders: false`` freezes them). ``kernels``: ``train.kernels`` and whether to
-    compile each block."""
+    compile each block. ``pp_virtual_stages``: pipeline stages per pipeline rank."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = model_from_config(config)
@@ -92,7 +93,7 @@ def build_model(
             model.encoders.requires_grad_(omni.get("train_encoders", True))
     renamings = checkpoint_renamings(foundation)
     if state is not None and state.degrees.pp > 1:  # this rank's stage only, names kept
-        split_stage(foundation, state.pp_rank, state.degrees.pp)
+        split_stage(foundation, state.pp_rank, state.degrees.pp, pp_virtual_stages)
     prefix = "foundation." if omni else ""
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:

@@ -121,4 +121,6 @@ def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native
         if used:
             raise ValueError(f"parallel.pp={pp} does not compose with {what} yet; use pp=1.")
     with torch.device("meta"):
-        check_pipeline(hf_config, pp, model_from_config(hf_config))
+        model = model_from_config(hf_config)
+    p = cfg.parallel
+    check_pipeline(hf_config, pp, p.pp_virtual_stages, p.pp_schedule, model)

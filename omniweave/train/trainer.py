@@ -112,6 +112,7 @@ class Trainer:
             ep_chunks=cfg.parallel.ep_chunks,
             kernels=(t.kernels, t.compile),
             lora=self.lora,
+            pp_virtual_stages=cfg.parallel.pp_virtual_stages,
         )
         self.foundation = self.model.foundation if omni else self.model
         self.native = None  # a native multimodal model's media inputs and M-RoPE positions
@@ -136,13 +137,14 @@ class Trainer:
             split_sequence_inputs(stack, self.state.sp_group)
         self.pipeline = None
         if degrees.pp > 1:
+            p = cfg.parallel
             self.pipeline = Pipeline(
                 self.model,
                 self.state.pp_rank,
                 degrees.pp,
+                p.pp_virtual_stages,
                 self.state.pp_group,
-                cfg.parallel.pp_schedule,
-                self.state.device,
+                p.pp_schedule,
             )
         self.hf_config = hf_config
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
