@@ -1,7 +1,8 @@
 """Pipeline parallelism (``parallel.pp``): the unmodified HF model cut into stages trains the
 curve of the plain model in a plain PyTorch loop under each schedule (1F1B, GPipe, interleaved
-1F1B), padded and packed, with FSDP; its checkpoints resume on a layout without pipelining
-and the reverse; the stages are balanced by parameter count; mistakes are one-line errors."""
+1F1B), padded and packed, with FSDP and with tensor parallelism; its checkpoints resume from
+``pp=2 x tp=2`` on ``dp_shard=4`` and the reverse; the stages are balanced by parameter
+count; mistakes are one-line errors."""
 
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
                 "data.max_tokens_per_microbatch": 128,
                 "train.activation_checkpointing": "full",
             },
+            "pp=2 x tp=2 packed": {
+                "parallel.pp": 2,
+                "parallel.tp": 2,
+                "parallel.dp_shard": 1,
+                "data.packing": True,
+                "train.micro_batch_size": 2,
+            },
         },
     }
     curves = layout_curves(layouts, models, corpus, tmp_path)
@@ -86,9 +94,9 @@ def _args(corpus: dict, out: str, **settings) -> list[str]:
     return [f"--{key}={json.dumps(value)}" for key, value in {**base, **settings}.items()]
 
 
-def test_checkpoints_reshard_between_pipeline_and_fsdp(corpus, tmp_path):
-    pp = {"parallel.pp": 2, "parallel.dp_shard": 1}
-    fsdp = {"parallel.dp_shard": 2}
+def test_checkpoints_reshard_between_pipeline_with_tensor_parallel_and_fsdp(corpus, tmp_path):
+    pp = {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1}
+    fsdp = {"parallel.dp_shard": 4}
     runs = []
     for first, then, name in ((pp, fsdp, "pp_to_fsdp"), (fsdp, pp, "fsdp_to_pp")):
         straight = str(tmp_path / name / "straight")
@@ -97,8 +105,8 @@ def test_checkpoints_reshard_between_pipeline_and_fsdp(corpus, tmp_path):
             corpus, str(tmp_path / name / "resumed"), **then, **{"checkpoint.resume": saved}
         )
         runs.append((_args(corpus, straight, **first), resumed))
-    straight = run_distributed(_losses, 2, [first for first, _ in runs])[0]
-    resumed = run_distributed(_losses, 2, [then for _, then in runs])[0]
+    straight = run_distributed(_losses, 4, [first for first, _ in runs])[0]
+    resumed = run_distributed(_losses, 4, [then for _, then in runs])[0]
     for losses, continued in zip(straight, resumed, strict=True):
         assert len(continued) == 3
         for a, b in zip(losses[3:], continued, strict=True):
@@ -132,6 +140,6 @@ def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
         2, **interleaved, **{"parallel.pp_virtual_stages": 2}
     )
     assert "tied" in error(2, TINY["qwen2"], **{"parallel.pp": 2})
-    assert "dp_shard and dp_replicate only" in error(4, **{"parallel.pp": 2, "parallel.tp": 2})
+    assert "dp_shard, dp_replicate and tp only" in error(4, **{"parallel.pp": 2, "parallel.sp": 2})
     assert "mixture-of-experts" in error(2, {**TINY["qwen3_moe"], **UNTIED}, **{"parallel.pp": 2})
     assert "chunked" in error(2, **{"parallel.pp": 2, "train.cross_entropy": "chunked"})

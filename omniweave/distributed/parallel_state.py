@@ -97,10 +97,10 @@ def resolve_degrees(
             f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
             "expert parallelism yet; use tp with dp_shard, dp_replicate and sp."
         )
-    if pp > 1 and (sp > 1 or cp > 1 or tp > 1 or ep > 1):
+    if pp > 1 and (sp > 1 or cp > 1 or ep > 1):
         raise ValueError(
-            f"parallel.pp={pp} composes with dp_shard and dp_replicate only yet; use "
-            "parallel.sp, cp, tp and ep = 1 with it."
+            f"parallel.pp={pp} composes with dp_shard, dp_replicate and tp only yet; use "
+            "parallel.sp, cp and ep = 1 with it."
         )
     degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp, cp, pp)
     if degrees.fsdp % ep:

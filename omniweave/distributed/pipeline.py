@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from omniweave.data.processors import IGNORE_INDEX
@@ -149,10 +150,12 @@ def _make_forward(owned: dict[int, range], stages: int):
                 hidden = hidden[0]
         if stage < stages - 1:
             return hidden
-        logits = self.lm_head(base.norm(hidden)).float()
-        losses = F.cross_entropy(
+        logits = self.lm_head(base.norm(hidden)).float()  # tp: split over the vocabulary
+        losses = F.cross_entropy(  # tp: under loss_parallel, on the split logits
             logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         )
+        if isinstance(losses, DTensor):
+            losses = losses.to_local()
         return losses.view_as(weights) * weights
 
     return forward
@@ -196,8 +199,20 @@ class Pipeline:
     Every micro-batch of a step is padded to one shape (the schedules send fixed-size
     activations); a new shape or micro-batch count builds new stages and a new schedule."""
 
-    def __init__(self, model: nn.Module, rank: int, pp: int, virtual: int, group, schedule: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int,
+        pp: int,
+        virtual: int,
+        group,
+        schedule: str,
+        sequence_split: int = 1,
+    ):
+        """``sequence_split``: the ranks (tp) the activations between stages are split over
+        along the sequence."""
         self.model, self.pp, self.virtual = model, pp, virtual
+        self.sequence_split = sequence_split
         self.stage_indices = rank_stages(rank, pp, virtual)
         self.group, self.schedule_name = group, schedule
         self.device = next(model.parameters()).device
@@ -210,7 +225,7 @@ class Pipeline:
         from torch.distributed.pipelining import PipelineStage
 
         last = self.pp * self.virtual - 1
-        shape = (rows, width, self.hidden_size)  # requires grad: the gradient flows back
+        shape = (rows, width // self.sequence_split, self.hidden_size)  # gradients flow back
         hidden = torch.empty(shape, dtype=dtype, device=self.device, requires_grad=True)
         ids = torch.empty(rows, width, dtype=torch.long, device=self.device)
         losses = torch.empty(rows, width, device=self.device)

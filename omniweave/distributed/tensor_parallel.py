@@ -96,14 +96,18 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
             )
     plan = {f"{prefix}.{glob}": style for glob, style in layer_plan.items()}
-    plan[f"{prefix}.embed_tokens"] = RowwiseParallel(
-        input_layouts=Replicate(), output_layouts=Shard(1)
-    )
-    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    plan[head] = ColwiseParallel(
-        input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
-    )
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # a pipeline stage has the embedding only first and the LM head only last
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is not None:
+        plan[f"{prefix}.embed_tokens"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1)
+        )
+    if head is not None:
+        name = next(n for n, m in model.named_modules() if m is head)
+        plan[name] = ColwiseParallel(
+            input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
+        )
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
     parallelize_module(model, mesh, plan)
     if tied:  # both split the vocabulary (dim 0): one parameter again
         model.get_output_embeddings().weight = model.get_input_embeddings().weight

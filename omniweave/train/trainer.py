@@ -145,6 +145,7 @@ class Trainer:
                 p.pp_virtual_stages,
                 self.state.pp_group,
                 p.pp_schedule,
+                sequence_split=degrees.tp,
             )
         self.hf_config = hf_config
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
@@ -277,7 +278,8 @@ class Trainer:
         output_sums = torch.zeros(len(self.output_ranges) + 1, dtype=torch.float64, device=device)
         if self.pipeline is not None:  # the last stage's losses; every stage's gradients
             dtype = DTYPES[self.cfg.model.dtype]
-            loss_sum = self.pipeline.step(batches, scale, dtype, by_sample)
+            with self.loss_context():  # tp: the losses of split logits, forward and backward
+                loss_sum = self.pipeline.step(batches, scale, dtype, by_sample)
             dist.all_reduce(loss_sum, group=self.state.pp_group)
             aux_sum, expert_counts = 0.0, None
         else:
