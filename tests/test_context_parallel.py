@@ -6,12 +6,14 @@ with tensor parallelism inside each ring rank and with MoE experts split over th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from omniweave.distributed.ring import balanced_slice
 from tests.distributed import run_distributed
-from tests.models import hf_model
+from tests.models import TINY, hf_model
 from tests.test_parity import (
     _assert_close,
     _overrides,
@@ -114,3 +116,23 @@ def test_ring_attention_with_expert_parallel_experts_matches_the_moe_reference(c
     per_rank = run_distributed(_train_runs, 2, [run])
     assert per_rank[0] == per_rank[1], "ranks disagree"
     _assert_close(per_rank[0]["cp=2 x ep=2"], moe_reference(path, corpus), "cp=2 x ep=2")
+
+
+@pytest.mark.parametrize(
+    "family,extra",
+    [
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}),
+        ("llama", {"model_type": "mistral", "sliding_window": 16}),
+    ],
+)
+def test_ring_refuses_sliding_window_attention(corpus, tmp_path, family, extra):
+    from omniweave.config import load_config
+    from omniweave.train.checks import validate
+
+    config = {**TINY[family], **extra}
+    args = _overrides("", corpus, str(tmp_path), **{"parallel.cp": 2})
+    args = [a for a in args if not a.startswith("--model.path")]
+    args.append(f"--model.config={json.dumps(config)}")
+    with pytest.raises(ValueError, match="sliding-window") as caught:
+        validate(load_config(None, args), 2)
+    assert "\n" not in str(caught.value)

@@ -16,6 +16,21 @@ import torch.distributed as dist
 MASKED = -1e30  # finite: a block with no visible key weighs exp(-1e30) = 0, never NaN
 
 
+def check_ring(config, cp: int) -> None:
+    """ValueError for a model with sliding-window attention: the ring's blocks attend causally
+    to the whole sample."""
+    text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) or []
+    if "sliding_attention" in layer_types or (
+        not layer_types and getattr(text, "sliding_window", None)
+    ):
+        raise ValueError(
+            f"parallel.cp={cp}: {text.model_type}'s sliding-window attention is not what ring "
+            "attention computes (causal over the whole sample); use parallel.sp for its long "
+            "sequences."
+        )
+
+
 def balanced_slice(t: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     """``rank``'s share of ``t`` along its last dim: chunks ``rank`` and ``2cp - 1 - rank`` of
     ``2 x cp`` (the last dim must divide by ``2 x cp``)."""

@@ -15,6 +15,7 @@ from omniweave.data.sources import check_sources, source_specs
 from omniweave.distributed.expert import check_experts
 from omniweave.distributed.parallel_state import Degrees, resolve_degrees
 from omniweave.distributed.pipeline import check_pipeline
+from omniweave.distributed.ring import check_ring
 from omniweave.distributed.tensor_parallel import check_tensor_parallel
 from omniweave.distributed.ulysses import check_heads
 from omniweave.models.loader import load_hf_config
@@ -61,6 +62,8 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
             f"parallel.cp={degrees.cp} does not compose with multimodal models yet; use "
             "parallel.sp for their long sequences."
         )
+    if degrees.cp > 1:
+        check_ring(hf_config, degrees.cp)
     if degrees.pp > 1:
         check_pipeline_run(cfg, hf_config, degrees.pp, native)
     if degrees.tp > 1:
