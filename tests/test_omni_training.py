@@ -263,3 +263,23 @@ def test_bf16_trains_an_omni_model_close_to_fp32(omni_data, tmp_path):
     assert len(curves["bf16"]) == len(curves["fp32"])
     for (loss, _), (ref_loss, _) in zip(curves["bf16"], curves["fp32"], strict=True):
         assert loss == pytest.approx(ref_loss, rel=2e-2)
+
+
+def test_an_omni_model_pipelines_like_one_process(omni_data, tmp_path):
+    """pp=2: the encoders and the embeddings on the first stage, the image decoder's codes
+    learned on the last; the curve and each output modality's loss are the 1-process run's."""
+    config = {**TINY["qwen2"], "vocab_size": CODES + CODEBOOK, "tie_word_embeddings": False}
+    model = {"model.config": config, "train.micro_batch_size": 1}
+    one = ("one", _args(omni_data, str(tmp_path / "one"), **model))
+    pp = ("pp", _args(omni_data, str(tmp_path / "pp"), **model, **{"parallel.pp": 2}))
+    reference = run_distributed(_train_runs, 1, [one])[0]["one"]
+    piped = run_distributed(_train_runs, 2, [pp])
+    assert piped[0] == piped[1], "ranks disagree"
+    _assert_close(piped[0]["pp"], reference, "pp=2")
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("one", "pp")
+    }
+    for a, b in zip(rows["pp"], rows["one"], strict=True):
+        assert a["loss_draw"] == pytest.approx(b["loss_draw"], rel=1e-5)
+        assert a["loss_text"] == pytest.approx(b["loss_text"], rel=1e-5)

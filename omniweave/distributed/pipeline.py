@@ -103,13 +103,15 @@ def rank_stages(rank: int, pp: int, virtual: int) -> list[int]:
 
 
 def split_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1) -> dict[int, range]:
-    """Keep only pipeline rank ``rank``'s stages of ``model`` (on the meta device) and give it
-    the stages' forward; returns each of its stages' layer indices."""
-    base, stages = model.model, pp * virtual
+    """Keep only pipeline rank ``rank``'s stages of ``model`` (on the meta device; an OmniModel's
+    encoders go with the first stage) and give it the stages' forward; returns each of its
+    stages' layer indices."""
+    foundation = getattr(model, "foundation", model)  # an OmniModel's language model
+    base, stages = foundation.model, pp * virtual
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in base.layers]
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    heads = (count(base.embed_tokens), count(base.norm) + count(model.lm_head))
-    ranges = stage_layers(sizes, heads, stages)
+    front = count(base.embed_tokens) + (count(model.encoders) if model is not foundation else 0)
+    ranges = stage_layers(sizes, (front, count(base.norm) + count(foundation.lm_head)), stages)
     owned = {stage: ranges[stage] for stage in rank_stages(rank, pp, virtual)}
     kept = {index for layers in owned.values() for index in layers}
     for index in range(len(base.layers)):
@@ -119,19 +121,23 @@ def split_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1) -> dict[
         base.embed_tokens = None
     if stages - 1 not in owned:
         base.norm = None
-        model.lm_head = None
-    model.forward = types.MethodType(_make_forward(owned, stages), model)
+        foundation.lm_head = None
+    foundation.forward = types.MethodType(_make_forward(owned, stages), foundation)
+    if model is not foundation:
+        if 0 not in owned:
+            model.encoders = nn.ModuleDict()
+        model.forward = types.MethodType(_make_omni_forward(next(iter(owned))), model)
     return owned
 
 
 def _make_forward(owned: dict[int, range], stages: int):
     def forward(self, x, position_ids, targets, weights, stage: int | None = None):
-        """A stage (the rank's only one by default): token ids (first) or hidden states in;
-        hidden states out, or from the last stage each token's cross-entropy times its
-        weight (0 where no target)."""
+        """A stage (the rank's only one by default): token ids or embeddings (first) or
+        hidden states in; hidden states out, or from the last stage each token's
+        cross-entropy times its weight, and unweighted, ``[rows, tokens, 2]``."""
         stage = next(iter(owned)) if stage is None else stage
         base = self.model
-        hidden = base.embed_tokens(x) if stage == 0 else x
+        hidden = base.embed_tokens(x) if stage == 0 and not x.is_floating_point() else x
         extra = {}
         if position_ids.shape[0] == 1:  # a packed row: samples start where positions restart
             starts = torch.nonzero(position_ids[0] == 0).flatten()
@@ -156,7 +162,21 @@ def _make_forward(owned: dict[int, range], stages: int):
         )
         if isinstance(losses, DTensor):
             losses = losses.to_local()
-        return losses.view_as(weights) * weights
+        losses = losses.view_as(weights)
+        return torch.stack([losses * weights, losses], dim=-1)
+
+    return forward
+
+
+def _make_omni_forward(only_stage: int):
+    def forward(self, x, position_ids, targets, weights, micro_batch, stage: int | None = None):
+        """An OmniModel's stage: the first embeds the tokens and its micro-batch's media
+        (``pipeline_media[micro_batch]``, set for the step by ``Pipeline``), then the
+        language model's stage runs."""
+        stage = only_stage if stage is None else stage
+        if stage == 0:
+            x = self.embed(x, self.pipeline_media[int(micro_batch[0])])
+        return self.foundation(x, position_ids, targets, weights, stage=stage)
 
     return forward
 
@@ -208,17 +228,24 @@ class Pipeline:
         group,
         schedule: str,
         sequence_split: int = 1,
+        output_ranges: dict[str, tuple[int, int]] | None = None,
     ):
         """``sequence_split``: the ranks (tp) the activations between stages are split over
-        along the sequence."""
+        along the sequence; ``output_ranges``: token-id ranges of an OmniModel's output
+        modalities, whose token losses are summed apart."""
         self.model, self.pp, self.virtual = model, pp, virtual
         self.sequence_split = sequence_split
+        self.output_ranges = list((output_ranges or {}).values())
+        self.media = hasattr(model, "encoders")  # an OmniModel: its first stage reads media
         self.stage_indices = rank_stages(rank, pp, virtual)
         self.group, self.schedule_name = group, schedule
         self.device = next(model.parameters()).device
         self.hidden_size = model.config.get_text_config().hidden_size
         self._key, self._built = None, None
         self.token_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # each output modality's token-loss sum, then all tokens' (unweighted)
+        sums = len(self.output_ranges) + 1
+        self.output_sums = torch.zeros(sums, dtype=torch.float64, device=self.device)
         self.scale = 1.0
 
     def _stage(self, index: int, rows: int, width: int, dtype: torch.dtype):
@@ -228,7 +255,7 @@ class Pipeline:
         shape = (rows, width // self.sequence_split, self.hidden_size)  # gradients flow back
         hidden = torch.empty(shape, dtype=dtype, device=self.device, requires_grad=True)
         ids = torch.empty(rows, width, dtype=torch.long, device=self.device)
-        losses = torch.empty(rows, width, device=self.device)
+        losses = torch.empty(rows, width, 2, device=self.device)
         module = self.model if self.virtual == 1 else _StageView(self.model, index)
         return PipelineStage(
             module,
@@ -268,17 +295,21 @@ class Pipeline:
         self._key, self._built = key, schedule  # one shape at a time: the old buffers go
         return schedule
 
-    def _loss(self, weighted_losses: torch.Tensor, _target) -> torch.Tensor:
-        total = weighted_losses.sum()
+    def _loss(self, losses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss from the last stage's (weighted, plain) token losses."""
+        total, plain = losses[..., 0].sum(), losses[..., 1].detach().double()
         self.token_loss_sum += total.detach().double()
+        for slot, (low, high) in enumerate(self.output_ranges):
+            self.output_sums[slot] += plain[(targets >= low) & (targets < high)].sum()
+        self.output_sums[-1] += plain.sum()
         return total * self.scale
 
     def step(
         self, batches: list, scale: float, dtype: torch.dtype, by_sample: bool
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of all ``batches``, each micro-batch's loss times ``scale``;
-        returns the sum of their weighted token losses on the last stage's rank (0
-        elsewhere)."""
+        returns the sum of their weighted token losses and the output modalities' sums (see
+        ``output_sums``), on the last stage's rank (0 elsewhere)."""
         rows = max(b.input_ids.shape[0] for b in batches)
         width = max(b.input_ids.shape[1] for b in batches)
         parts = [_padded(b, rows, width, by_sample) for b in batches]
@@ -287,8 +318,13 @@ class Pipeline:
         )
         self.scale = scale
         self.token_loss_sum.zero_()
+        self.output_sums.zero_()
         schedule = self._schedule(len(batches), rows, width, dtype)
         args = (ids,) if 0 in self.stage_indices else ()
         kwargs = {"position_ids": positions, "targets": targets, "weights": weights}
+        if self.media:  # each micro-batch's index, to find its media
+            self.model.pipeline_media = [batch.media for batch in batches]
+            index = torch.arange(len(batches), device=self.device).repeat_interleave(rows)
+            kwargs["micro_batch"] = index
         schedule.step(*args, target=targets, **kwargs)
-        return self.token_loss_sum.clone()
+        return self.token_loss_sum.clone(), self.output_sums.clone()

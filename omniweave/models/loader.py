@@ -93,7 +93,7 @@ def build_model(
             model.encoders.requires_grad_(omni.get("train_encoders", True))
     renamings = checkpoint_renamings(foundation)
     if state is not None and state.degrees.pp > 1:  # this rank's stage only, names kept
-        split_stage(foundation, state.pp_rank, state.degrees.pp, pp_virtual_stages)
+        split_stage(model, state.pp_rank, state.degrees.pp, pp_virtual_stages)
     prefix = "foundation." if omni else ""
     units = tuple(prefix + glob for glob in recipe.shard_units)
     if omni:

@@ -110,7 +110,7 @@ def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native
     """What ``parallel.pp`` does not serve yet, in one line each; then the model's cut."""
     t = cfg.train
     unsupported = {
-        "multimodal models": native or bool(cfg.model.omni),
+        "native multimodal models (an OmniModel pipelines)": native,
         "model.lora": cfg.model.lora is not None,
         "train.cross_entropy=chunked": t.cross_entropy == "chunked",
         "data.eval_path": bool(cfg.data.eval_path),

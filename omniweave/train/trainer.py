@@ -146,6 +146,7 @@ class Trainer:
                 self.state.pp_group,
                 p.pp_schedule,
                 sequence_split=degrees.tp,
+                output_ranges=self.output_ranges,
             )
         self.hf_config = hf_config
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
@@ -279,8 +280,9 @@ class Trainer:
         if self.pipeline is not None:  # the last stage's losses; every stage's gradients
             dtype = DTYPES[self.cfg.model.dtype]
             with self.loss_context():  # tp: the losses of split logits, forward and backward
-                loss_sum = self.pipeline.step(batches, scale, dtype, by_sample)
+                loss_sum, output_sums = self.pipeline.step(batches, scale, dtype, by_sample)
             dist.all_reduce(loss_sum, group=self.state.pp_group)
+            dist.all_reduce(output_sums, group=self.state.pp_group)
             aux_sum, expert_counts = 0.0, None
         else:
             loss_sum, aux_sum, expert_counts = self._backward(
