@@ -103,5 +103,22 @@ def test_tensor_parallel_mistakes_are_one_line_errors(corpus, tmp_path):
 
     assert "must divide the model's 4 attention heads" in error(3, **{"parallel.tp": 3})
     assert "sp=2 x parallel.tp=4 must divide" in error(8, **{"parallel.tp": 4, "parallel.sp": 2})
-    assert "qwen3_moe" in error(2, "qwen3_moe", **{"parallel.tp": 2})
+    assert "olmoe" in error(2, "olmoe", **{"parallel.tp": 2})  # a plan of other styles
     assert "chunked" in error(2, **{"parallel.tp": 2, "train.cross_entropy": "chunked"})
+
+
+def test_tensor_parallel_with_expert_parallel_experts_matches_the_moe_reference(corpus, tmp_path):
+    """A Qwen3-MoE at tp=2 x ep=2: attention split over tp, each MoE block on its rank's slice of
+    the sequence with the 8 experts split over ep; the router's aux loss over all tokens of the
+    step as in the reference."""
+    from tests.test_expert_parallel import moe_reference
+    from tests.test_parity import _assert_close, _overrides, _train_runs
+
+    path = str(tmp_path / "moe")
+    hf_model("qwen3_moe", seed=1).save_pretrained(path)
+    layout = {"parallel.tp": 2, "parallel.ep": 2, "data.packing": True}
+    layout["train.micro_batch_size"] = 4  # one micro-batch a rank: the aux loss over the step
+    run = ("tp=2 x ep=2", _overrides(path, corpus, str(tmp_path / "run"), **layout))
+    per_rank = run_distributed(_train_runs, 4, [run])
+    assert all(rank == per_rank[0] for rank in per_rank), "ranks disagree"
+    _assert_close(per_rank[0]["tp=2 x ep=2"], moe_reference(path, corpus), "tp=2 x ep=2")

@@ -92,11 +92,6 @@ def resolve_degrees(
             f"--nproc {product} or torchrun), or set parallel.dp_shard=-1 to use whatever is left."
         )
 
-    if tp > 1 and ep > 1:
-        raise ValueError(
-            f"parallel.tp={tp} with parallel.ep={ep}: tensor parallelism does not compose with "
-            "expert parallelism yet; use tp with dp_shard, dp_replicate and sp."
-        )
     if pp > 1 and (sp > 1 or cp > 1 or ep > 1):
         raise ValueError(
             f"parallel.pp={pp} composes with dp_shard, dp_replicate and tp only yet; use "
@@ -186,6 +181,8 @@ class ParallelState:
         self.fsdp_mesh = self._flat(("dp_shard", "cp", "sp"), "fsdp")
         self.dp_mesh = self._flat(("dp_replicate", "dp_shard"), "dp")
         self.loss_mesh = self._flat(("dp_replicate", "dp_shard", "cp", "sp"), "loss")
+        # every rank that holds different tokens: tp ranks split the sequence outside attention
+        self.token_mesh = self._flat(("dp_replicate", "dp_shard", "cp", "sp", "tp"), "tokens")
         self.ep_mesh: DeviceMesh | None = None
         self.expert_fsdp_mesh: DeviceMesh | None = None
         if degrees.ep > 1:  # the FSDP ranks as (efsdp, ep): an EP group is ep adjacent ranks

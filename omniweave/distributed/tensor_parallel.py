@@ -7,6 +7,11 @@ of the hidden units (column-wise projections), and its row-wise output projectio
 reduce-scatters back to a sequence split. The embedding is split over the vocabulary; the LM
 head's logits stay split over the vocabulary, and the loss is computed on them in place
 (``loss_parallel``), so full logits never exist on any rank.
+
+Mixture-of-experts blocks stay whole on every rank and run on the rank's own slice of the
+sequence (tokens are routed one by one; with ``ep`` the experts are split over the ``ep``
+ranks as without TP); their gradients are summed over ``tp`` after the backward
+(``token_local_parameters``).
 """
 
 from __future__ import annotations
@@ -55,17 +60,36 @@ def check_tensor_parallel(model: nn.Module, tp: int) -> None:
             )
     stack = model.get_decoder()
     covered = [*plan, *_norms(stack)]
+    sparse = [f"{name}." for name in _sparse_blocks(stack)]  # on each rank's own tokens
     left = [
         name
         for name, _ in stack.named_parameters()
         if name.startswith("layers.")
         and not any(matches(name.rsplit(".", 1)[0], glob) for glob in covered)
+        and not name.startswith(tuple(sparse))
     ]
     if left:
         raise ValueError(
             f"parallel.tp={tp}: {text.model_type}'s plan leaves {left[:2]} whole inside the "
             "blocks (their gradients would miss the other ranks' heads); use parallel.tp=1."
         )
+
+
+def _sparse_blocks(stack: nn.Module) -> list[str]:
+    """The stack's mixture-of-experts blocks (a router and experts)."""
+    return [name for name, m in stack.named_modules() if name.endswith(".mlp") and _sparse(m)]
+
+
+def _sparse(module: nn.Module) -> bool:
+    return hasattr(module, "experts")
+
+
+def token_local_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that each tensor-parallel rank applies to its own slice of the sequence
+    (mixture-of-experts blocks: tokens are routed independently), whole on every rank: their
+    gradients are partial sums, to be summed over ``tp``."""
+    stack = model.get_decoder()
+    return [p for name in _sparse_blocks(stack) for p in stack.get_submodule(name).parameters()]
 
 
 def _norms(stack: nn.Module) -> list[str]:
@@ -84,12 +108,16 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     layer_plan = {glob: _style(style) for glob, style in config.base_model_tp_plan.items()}
     layer_plan |= dict.fromkeys(_norms(stack), SequenceParallel())
     whole = {"hidden_states": Replicate()}
-    for name, _ in stack.named_modules():
+    for name, module in stack.named_modules():
         if name.endswith("self_attn"):  # called with hidden_states=...: gather the sequence
             layer_plan[name] = PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
                 desired_input_kwarg_layouts=whole,
                 use_local_output=True,
+            )
+        elif name.endswith(".mlp") and _sparse(module):  # experts: the rank's own tokens
+            layer_plan[name] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True
             )
         elif name.endswith(".mlp"):  # called with the hidden states alone
             layer_plan[name] = PrepareModuleInput(

@@ -31,6 +31,7 @@ from omniweave.distributed.parallel_state import (
 )
 from omniweave.distributed.pipeline import Pipeline
 from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
+from omniweave.distributed.tensor_parallel import token_local_parameters
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
     split_sequence_inputs,
@@ -151,11 +152,13 @@ class Trainer:
         self.hf_config = hf_config
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
         self.router_loss = (
-            RouterLoss(self.foundation, self.state.loss_mesh.get_group())
+            RouterLoss(self.foundation, self.state.token_mesh.get_group())
             if is_moe(self.model)
             else None
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # tp: MoE blocks run on each rank's slice of the sequence; their gradients are partial
+        self.tp_partial = token_local_parameters(self.foundation) if degrees.tp > 1 else []
         self.optimizer = build_optimizer(
             self.model, t.lr, tuple(t.adam_betas), t.adam_eps, t.weight_decay
         )
@@ -288,6 +291,11 @@ class Trainer:
             loss_sum, aux_sum, expert_counts = self._backward(
                 batches, scale, by_sample, output_sums
             )
+        for param in self.tp_partial:
+            if param.grad is not None:
+                grad = param.grad
+                grad = grad.to_local() if isinstance(grad, DTensor) else grad
+                dist.all_reduce(grad, group=self.state.tp_mesh.get_group())
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm, self.state.pp_group)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         # Both figures are global, so every rank takes the same decision.
@@ -336,6 +344,8 @@ class Trainer:
         loss and the tokens per expert (MoE)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.state.device)
         aux_sum, expert_counts = 0.0, None
+        tp = self.state.degrees.tp
+        tp_rank = self.state.tp_mesh.get_local_rank() if tp > 1 else 0
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
@@ -350,12 +360,12 @@ class Trainer:
                 output_sums[slot] += token_losses.detach()[in_range].sum()
             output_sums[-1] += token_losses.detach().sum()
             if router_logits is not None:
-                aux, expert_tokens = self.router_loss(
-                    router_logits, self._local(batch.real).flatten()
-                )
+                real = self._local(batch.real).chunk(tp, dim=-1)[tp_rank]  # the router's tokens
+                aux, expert_tokens = self.router_loss(router_logits, real.flatten())
                 # Every rank holds the same aux value; its gradient reaches each rank's tokens
-                # through the gather, summed over ranks, which the gradient average undoes.
-                loss = loss + self.router_loss.coefficient * aux / len(batches)
+                # through the gather, summed over ranks, which the gradient average undoes
+                # (and, over tp, which sums its MoE gradients, the 1 / tp).
+                loss = loss + self.router_loss.coefficient * aux / len(batches) / tp
                 aux_sum += float(aux.detach()) / len(batches)
                 expert_counts = (
                     expert_tokens if expert_counts is None else expert_counts + expert_tokens
