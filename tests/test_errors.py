@@ -31,7 +31,7 @@ def config_file(tmp_path_factory, corpus) -> str:
     [
         (
             ["--nproc", "4", "--parallel.sp=3"],
-            "parallel.dp_replicate x cp x sp x tp = 1 x 1 x 3 x 1",
+            "parallel.pp x dp_replicate x cp x sp x tp = 1 x 1 x 1 x 3 x 1",
         ),
         (["--nproc", "3", "--parallel.sp=3"], "parallel.sp=3 must divide the model's 4 attention"),
         (["--data.max_tokens_per_microbatch=64"], "below data.max_seq_len=2048"),
@@ -72,8 +72,10 @@ def test_degrees_fill_and_validate():
     with pytest.raises(ValueError, match="2 x 1 x 1 x 1 x 1 = 2, but 4 processes"):
         resolve_degrees(4, dp_replicate=2, dp_shard=1)
     assert resolve_degrees(8, dp_replicate=2, tp=2).dp_shard == 2
-    with pytest.raises(ValueError, match="tp=2 with parallel.ep=2"):
-        resolve_degrees(4, ep=2, tp=2)
+    assert resolve_degrees(8, ep=2, tp=2).dp_shard == 4  # experts split over the FSDP ranks
+    assert resolve_degrees(8, pp=2, dp_replicate=2).dp_shard == 2
+    with pytest.raises(ValueError, match="pp=2 composes with dp_shard, dp_replicate and tp"):
+        resolve_degrees(4, pp=2, sp=2)
     assert resolve_degrees(8, cp=2, sp=2).fsdp == 8  # context- and sequence-parallel ranks shard
     assert resolve_degrees(8, cp=2, tp=2).fsdp == 4  # tp ranks share their shards
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):
