@@ -89,8 +89,9 @@ def stage_layers(layer_sizes: list[int], head_sizes: tuple[int, int], stages: in
     sizes = [cost(r.start, r.stop, s) for s, r in enumerate(ranges)]
     if max(sizes) > 1.1 * min(sizes):
         warnings.warn(
-            f"parallel.pp={stages}: stages hold {', '.join(f'{s / 1e6:.2f}M' for s in sizes)} "
-            "parameters; the others wait on the largest (whole layers cannot be split).",
+            f"the {stages} pipeline stages hold "
+            f"{', '.join(f'{s / 1e6:.2f}M' for s in sizes)} parameters; the others wait on "
+            "the largest (whole layers cannot be split).",
             stacklevel=2,
         )
     return ranges
@@ -195,9 +196,9 @@ class _StageView(nn.Module):
 
 def _padded(batch, rows: int, width: int, by_sample: bool) -> tuple:
     """(input ids, positions, targets, loss weights) of ``batch`` padded to ``[rows, width]``
-    (token 0: padding is never attended to from a sample, nor learned);
-    a packed row's padding is a segment of its own (positions from 0), as in ``pack_row``.
-    Weights: 1 / its sample's targets (``by_sample``), else 1, at each target."""
+    with token 0, which no sample attends to and nothing learns; a packed row's padding is a
+    segment of its own (positions from 0), as in ``pack_row``. Weights at each target: 1 / its
+    sample's targets (``by_sample``), else 1."""
     have_rows, have_width = batch.input_ids.shape
     ids = torch.zeros(rows, width, dtype=torch.long)
     targets = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
@@ -227,6 +228,7 @@ class Pipeline:
         virtual: int,
         group,
         schedule: str,
+        device: torch.device,
         sequence_split: int = 1,
         output_ranges: dict[str, tuple[int, int]] | None = None,
     ):
@@ -239,7 +241,7 @@ class Pipeline:
         self.media = hasattr(model, "encoders")  # an OmniModel: its first stage reads media
         self.stage_indices = rank_stages(rank, pp, virtual)
         self.group, self.schedule_name = group, schedule
-        self.device = next(model.parameters()).device
+        self.device = device
         self.hidden_size = model.config.get_text_config().hidden_size
         self._key, self._built = None, None
         self.token_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -146,6 +146,7 @@ class Trainer:
                 p.pp_virtual_stages,
                 self.state.pp_group,
                 p.pp_schedule,
+                self.state.device,
                 sequence_split=degrees.tp,
                 output_ranges=self.output_ranges,
             )
