@@ -1,8 +1,8 @@
 """Pipeline parallelism (``parallel.pp``): the unmodified HF model cut into stages trains the
 curve of the plain model in a plain PyTorch loop under each schedule (1F1B, GPipe, interleaved
-1F1B), padded and packed, with FSDP and with tensor parallelism; its checkpoints resume from
-``pp=2 x tp=2`` on ``dp_shard=4`` and the reverse; the stages are balanced by parameter
-count; mistakes are one-line errors."""
+1F1B), padded and packed, with FSDP, with tensor parallelism and with Ulysses; its
+checkpoints resume from ``pp=2 x tp=2`` on ``dp_shard=4`` and the reverse; the stages are
+balanced by parameter count; mistakes are one-line errors."""
 
 from __future__ import annotations
 
@@ -54,6 +54,13 @@ def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
                 "data.packing": True,
                 "data.max_tokens_per_microbatch": 128,
                 "train.activation_checkpointing": "full",
+            },
+            "pp=2 x sp=2 packed": {
+                "parallel.pp": 2,
+                "parallel.sp": 2,
+                "parallel.dp_shard": 1,
+                "data.packing": True,
+                "train.micro_batch_size": 2,
             },
             "pp=2 x tp=2 packed": {
                 "parallel.pp": 2,
@@ -140,6 +147,6 @@ def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
         2, **interleaved, **{"parallel.pp_virtual_stages": 2}
     )
     assert "tied" in error(2, TINY["qwen2"], **{"parallel.pp": 2})
-    assert "dp_shard, dp_replicate and tp only" in error(4, **{"parallel.pp": 2, "parallel.sp": 2})
+    assert "tp and sp only" in error(4, **{"parallel.pp": 2, "parallel.cp": 2})
     assert "mixture-of-experts" in error(2, {**TINY["qwen3_moe"], **UNTIED}, **{"parallel.pp": 2})
     assert "chunked" in error(2, **{"parallel.pp": 2, "train.cross_entropy": "chunked"})

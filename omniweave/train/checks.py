@@ -111,6 +111,7 @@ def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native
     t = cfg.train
     unsupported = {
         "native multimodal models (an OmniModel pipelines)": native,
+        "parallel.sp for an OmniModel": bool(cfg.model.omni) and cfg.parallel.sp > 1,
         "model.lora": cfg.model.lora is not None,
         "train.cross_entropy=chunked": t.cross_entropy == "chunked",
         "data.eval_path": bool(cfg.data.eval_path),

@@ -147,7 +147,8 @@ class Trainer:
                 self.state.pp_group,
                 p.pp_schedule,
                 self.state.device,
-                sequence_split=degrees.tp,
+                local=self._local,
+                sequence_split=(degrees.sp, degrees.tp),
                 output_ranges=self.output_ranges,
             )
         self.hf_config = hf_config
