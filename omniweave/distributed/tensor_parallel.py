@@ -16,9 +16,10 @@ ranks as without TP); their gradients are summed over ``tp`` after the backward
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -90,6 +91,14 @@ def token_local_parameters(model: nn.Module) -> list[nn.Parameter]:
     gradients are partial sums, to be summed over ``tp``."""
     stack = model.get_decoder()
     return [p for name in _sparse_blocks(stack) for p in stack.get_submodule(name).parameters()]
+
+
+def sum_gradients(params: list[nn.Parameter], group) -> None:
+    """Sum each parameter's (local) gradient over ``group``, in place."""
+    for param in params:
+        if param.grad is not None:
+            grad = param.grad
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
 
 
 def _norms(stack: nn.Module) -> list[str]:

@@ -31,7 +31,7 @@ from omniweave.distributed.parallel_state import (
 )
 from omniweave.distributed.pipeline import Pipeline
 from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
-from omniweave.distributed.tensor_parallel import token_local_parameters
+from omniweave.distributed.tensor_parallel import sum_gradients, token_local_parameters
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
     split_sequence_inputs,
@@ -293,11 +293,8 @@ class Trainer:
             loss_sum, aux_sum, expert_counts = self._backward(
                 batches, scale, by_sample, output_sums
             )
-        for param in self.tp_partial:
-            if param.grad is not None:
-                grad = param.grad
-                grad = grad.to_local() if isinstance(grad, DTensor) else grad
-                dist.all_reduce(grad, group=self.state.tp_mesh.get_group())
+        if self.tp_partial:
+            sum_gradients(self.tp_partial, self.state.tp_mesh.get_group())
         grad_norm = clip_grad_norm(self.params, self.cfg.train.max_grad_norm, self.state.pp_group)
         dist.all_reduce(loss_sum, group=self.state.loss_mesh.get_group())
         # Both figures are global, so every rank takes the same decision.
