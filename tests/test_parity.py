@@ -6,6 +6,7 @@ one forward per sample, torch's clip_grad_norm_ and AdamW.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from omniweave.data.processors import load_tokenizer, tokenize_record
 from omniweave.data.sources import read_records
 from tests.distributed import run_distributed
-from tests.models import hf_model
+from tests.models import TINY, hf_model
 
 STEPS, GLOBAL_BATCH, LR, WARMUP, MAX_LEN = 5, 8, 1e-3, 2, 128
 
@@ -280,3 +281,56 @@ def test_ranks_hold_unequal_token_counts(corpus):
     ]
     counts = [sum(len(samples[i].input_ids) for i in step[rank::4]) for rank in range(4)]
     assert max(counts) > 1.5 * min(counts), counts
+
+
+def resume_args(corpus: dict, out: str, **settings) -> list[str]:
+    """6 steps of a tiny Llama (``model.config`` overrides it) with a checkpoint every 3."""
+    base = {
+        "model.config": TINY["llama"],
+        "data.train_path": corpus["train_path"],
+        "data.tokenizer_path": corpus["tokenizer_path"],
+        "data.max_seq_len": 64,
+        "train.output_dir": out,
+        "train.max_steps": 6,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.lr": 3e-3,
+        "train.peak_flops": 1e12,
+        "checkpoint.every_steps": 3,
+        "log.progress": False,
+        "log.tensorboard": False,
+        "log.plot": False,
+    }
+    return [f"--{key}={json.dumps(value)}" for key, value in {**base, **settings}.items()]
+
+
+def _losses(runs: list[list[str]]) -> list[list[float]]:
+    from omniweave.config import load_config
+    from omniweave.train.trainer import Trainer
+
+    return [[row["loss"] for row in Trainer(load_config(None, args)).run()] for args in runs]
+
+
+def assert_checkpoints_reshard(
+    layouts: tuple[dict, dict], corpus: dict, root, processes: int, **settings
+) -> None:
+    """A step-3 checkpoint of each of the two layouts resumes on the other and continues the
+    straight run's losses within 1e-5 (``settings``: common to all runs)."""
+    first, second = layouts
+    runs = []
+    for a, b, name in ((first, second, "forward"), (second, first, "back")):
+        straight = str(root / name / "straight")
+        resumed = resume_args(
+            corpus,
+            str(root / name / "resumed"),
+            **settings,
+            **b,
+            **{"checkpoint.resume": f"{straight}/checkpoints/step_00000003"},
+        )
+        runs.append((resume_args(corpus, straight, **settings, **a), resumed))
+    straight = run_distributed(_losses, processes, [a for a, _ in runs])[0]
+    resumed = run_distributed(_losses, processes, [b for _, b in runs])[0]
+    for losses, continued in zip(straight, resumed, strict=True):
+        assert len(continued) == 3
+        for a, b in zip(losses[3:], continued, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)

@@ -6,15 +6,17 @@ balanced by parameter count; mistakes are one-line errors."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from omniweave.config import load_config
 from omniweave.distributed.pipeline import stage_layers
-from tests.distributed import run_distributed
 from tests.models import TINY, hf_model
-from tests.test_parity import assert_match_references, layout_curves
+from tests.test_parity import (
+    assert_checkpoints_reshard,
+    assert_match_references,
+    layout_curves,
+    resume_args,
+)
 
 UNTIED = {"tie_word_embeddings": False}  # pp refuses tied embeddings (first and last stage)
 
@@ -75,49 +77,13 @@ def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
     assert_match_references(curves, models, corpus)
 
 
-def _losses(runs: list[list[str]]) -> list[list[float]]:
-    from omniweave.train.trainer import Trainer
-
-    return [[row["loss"] for row in Trainer(load_config(None, args)).run()] for args in runs]
-
-
-def _args(corpus: dict, out: str, **settings) -> list[str]:
-    base = {
-        "model.config": {**TINY["llama"], "num_hidden_layers": 4, **UNTIED},
-        "data.train_path": corpus["train_path"],
-        "data.tokenizer_path": corpus["tokenizer_path"],
-        "data.max_seq_len": 64,
-        "train.output_dir": out,
-        "train.max_steps": 6,
-        "train.global_batch_size": 8,
-        "train.micro_batch_size": 2,
-        "train.lr": 3e-3,
-        "train.peak_flops": 1e12,
-        "checkpoint.every_steps": 3,
-        "log.progress": False,
-        "log.tensorboard": False,
-        "log.plot": False,
-    }
-    return [f"--{key}={json.dumps(value)}" for key, value in {**base, **settings}.items()]
-
-
 def test_checkpoints_reshard_between_pipeline_with_tensor_parallel_and_fsdp(corpus, tmp_path):
-    pp = {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1}
-    fsdp = {"parallel.dp_shard": 4}
-    runs = []
-    for first, then, name in ((pp, fsdp, "pp_to_fsdp"), (fsdp, pp, "fsdp_to_pp")):
-        straight = str(tmp_path / name / "straight")
-        saved = f"{straight}/checkpoints/step_00000003"
-        resumed = _args(
-            corpus, str(tmp_path / name / "resumed"), **then, **{"checkpoint.resume": saved}
-        )
-        runs.append((_args(corpus, straight, **first), resumed))
-    straight = run_distributed(_losses, 4, [first for first, _ in runs])[0]
-    resumed = run_distributed(_losses, 4, [then for _, then in runs])[0]
-    for losses, continued in zip(straight, resumed, strict=True):
-        assert len(continued) == 3
-        for a, b in zip(losses[3:], continued, strict=True):
-            assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)
+    layouts = (
+        {"parallel.pp": 2, "parallel.tp": 2, "parallel.dp_shard": 1},
+        {"parallel.dp_shard": 4},
+    )
+    model = {"model.config": {**TINY["llama"], "num_hidden_layers": 4, **UNTIED}}
+    assert_checkpoints_reshard(layouts, corpus, tmp_path, 4, **model)
 
 
 def test_stages_are_balanced_by_parameter_count():
@@ -134,7 +100,7 @@ def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
 
     def error(world: int, config: dict | None = None, **settings) -> str:
         config = config or {**TINY["llama"], **UNTIED}
-        args = _args(corpus, str(tmp_path / "x"), **{"model.config": config}, **settings)
+        args = resume_args(corpus, str(tmp_path / "x"), **{"model.config": config}, **settings)
         with pytest.raises(ValueError) as caught:
             validate(load_config(None, args), world)
         assert "\n" not in str(caught.value)
