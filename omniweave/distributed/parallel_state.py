@@ -215,40 +215,57 @@ class ParallelState:
         """Mesh FSDP2 shards expert weights on: the FSDP ranks holding the same experts."""
         return self.sharding_mesh if self.degrees.ep == 1 else self.expert_fsdp_mesh
 
+    def _axis(self, name: str) -> DeviceMesh | None:
+        """The 1-D mesh of axis ``name``; None when its degree is 1 (not materialised)."""
+        return self.mesh[name] if getattr(self.degrees, name) > 1 else None
+
+    def _group(self, name: str) -> dist.ProcessGroup | None:
+        axis = self._axis(name)
+        return None if axis is None else axis.get_group()
+
+    def _rank(self, name: str) -> int:
+        axis = self._axis(name)
+        return 0 if axis is None else axis.get_local_rank()
+
     @property
     def cp_group(self) -> dist.ProcessGroup | None:
         """The ranks of one attention ring (None without context parallelism)."""
-        return self.mesh["cp"].get_group() if self.degrees.cp > 1 else None
+        return self._group("cp")
 
     @property
     def cp_rank(self) -> int:
         """Which two chunks of each row this rank holds."""
-        return self.mesh["cp"].get_local_rank() if self.degrees.cp > 1 else 0
+        return self._rank("cp")
 
     @property
     def pp_group(self) -> dist.ProcessGroup | None:
         """The ranks of one pipeline, a stage each (None without pipeline parallelism)."""
-        return self.mesh["pp"].get_group() if self.degrees.pp > 1 else None
+        return self._group("pp")
 
     @property
     def pp_rank(self) -> int:
         """This rank's pipeline stage."""
-        return self.mesh["pp"].get_local_rank() if self.degrees.pp > 1 else 0
+        return self._rank("pp")
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
         """The ranks that split each layer's weights (None without tensor parallelism)."""
-        return self.mesh["tp"] if self.degrees.tp > 1 else None
+        return self._axis("tp")
+
+    @property
+    def tp_rank(self) -> int:
+        """Which share of each layer's weights (and, outside attention, of each row) it holds."""
+        return self._rank("tp")
 
     @property
     def sp_group(self) -> dist.ProcessGroup | None:
         """The ranks that split one sequence (None without sequence parallelism)."""
-        return self.mesh["sp"].get_group() if self.degrees.sp > 1 else None
+        return self._group("sp")
 
     @property
     def sp_rank(self) -> int:
         """Which slice of each sequence this rank holds."""
-        return self.mesh["sp"].get_local_rank() if self.degrees.sp > 1 else 0
+        return self._rank("sp")
 
     @property
     def is_distributed(self) -> bool:

@@ -25,6 +25,7 @@ from omniweave.models.registry import model_from_config
 from omniweave.ops.attention import check_backend
 from omniweave.ops.kernels import check_kernels
 from omniweave.train.checkpoint import resolve_resume
+from omniweave.train.router import is_moe
 
 
 def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, Any]:
@@ -109,6 +110,8 @@ def check_lora(entry: dict, hf_config: PretrainedConfig) -> LoraSettings:
 def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native: bool) -> None:
     """What ``parallel.pp`` does not serve yet, in one line each; then the model's cut."""
     t = cfg.train
+    with torch.device("meta"):
+        model = model_from_config(hf_config)
     unsupported = {
         "native multimodal models (an OmniModel pipelines)": native,
         "parallel.sp for an OmniModel": bool(cfg.model.omni) and cfg.parallel.sp > 1,
@@ -118,13 +121,10 @@ def check_pipeline_run(cfg: Config, hf_config: PretrainedConfig, pp: int, native
         "train.save_final and export_hf_at_end (export a checkpoint instead)": (
             t.save_final or t.export_hf_at_end
         ),
-        "mixture-of-experts models": hasattr(hf_config.get_text_config(), "num_experts")
-        or hasattr(hf_config.get_text_config(), "num_local_experts"),
+        "mixture-of-experts models": is_moe(model),
     }
     for what, used in unsupported.items():
         if used:
             raise ValueError(f"parallel.pp={pp} does not compose with {what} yet; use pp=1.")
-    with torch.device("meta"):
-        model = model_from_config(hf_config)
     p = cfg.parallel
     check_pipeline(hf_config, pp, p.pp_virtual_stages, p.pp_schedule, model)

@@ -343,8 +343,7 @@ class Trainer:
         loss and the tokens per expert (MoE)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.state.device)
         aux_sum, expert_counts = 0.0, None
-        tp = self.state.degrees.tp
-        tp_rank = self.state.tp_mesh.get_local_rank() if tp > 1 else 0
+        tp, tp_rank = self.state.degrees.tp, self.state.tp_rank
         for index, batch in enumerate(batches):
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(index == len(batches) - 1)
