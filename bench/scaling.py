@@ -6,7 +6,9 @@ OmniWeave with fixed micro-batches, OmniWeave under a token budget, and Hugging 
   processes, one process = the plain model), packed rows, the records in file order
   (``data.shuffle: false``) of a seeded shuffle of the corpus; "fixed" is
   ``train.micro_batch_size = 16 / N`` (one packed micro-batch per rank, as HF's batch),
-  "budget" is ``data.max_tokens_per_microbatch: 2048``. Its figures are ``metrics.jsonl``'s.
+  "budget" is ``data.max_tokens_per_microbatch: 2048``; "budget, replicas" is the same under
+  ``parallel.dp_replicate: N, dp_shard: 1`` (every rank a whole replica, gradients averaged by
+  DDP, as HF's are), at 2 or more processes. Its figures are ``metrics.jsonl``'s.
 - HF Trainer: ``torchrun --nproc_per_node N`` (accelerate's MULTI_CPU DDP over gloo,
   ``ddp_find_unused_parameters=False``), 16 / N samples per process and step in the same
   order (a sequential sampler), ``DataCollatorWithFlattening`` (one row, no padding; the
@@ -64,6 +66,7 @@ TARGETS = {  # (processes, ratio): the issue's floor
     (1, "budget/HF"): 1.5,
     (2, "budget/fixed"): 0.95,
     (2, "budget/HF"): 1.5,
+    (2, "replicas/HF"): 1.5,
 }
 
 
@@ -180,7 +183,12 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int) -> None:
         json.dump(figures, f)
 
 
-SIDES = ("fixed", "budget", "hf")
+SIDES = ("fixed", "budget", "replicas", "hf")
+
+
+def sides_at(nproc: int) -> tuple[str, ...]:
+    """The sides run at ``nproc`` processes: replicas need two or more."""
+    return SIDES if nproc > 1 else tuple(side for side in SIDES if side != "replicas")
 
 
 def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -> dict:
@@ -190,6 +198,11 @@ def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -
     batching = {
         "fixed": {"train.micro_batch_size": BATCH // nproc},
         "budget": {"data.max_tokens_per_microbatch": BUDGET},
+        "replicas": {
+            "data.max_tokens_per_microbatch": BUDGET,
+            "parallel.dp_replicate": nproc,
+            "parallel.dp_shard": 1,
+        },
     }[side]
     out = os.path.join(OUT, f"{side}-{nproc}")
     settings = omniweave_settings(model, data, out, args.steps) | {"data.shuffle": False}
@@ -209,10 +222,10 @@ def measure(threads: dict[int, int], model: str, data: str, args) -> dict[int, d
     round every other repeat). Per side: ``rate`` (median tokens/s over the steps after
     warm-up of all its runs), ``medians`` (each run's), ``tokens``, ``first_loss``, or
     ``error`` (the first run's that failed)."""
-    runs = {(n, side): [] for n in threads for side in SIDES}
+    runs = {(n, side): [] for n in threads for side in sides_at(n)}
     for repeat in range(args.repeats):
         for n in threads:
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+            for side in sides_at(n) if repeat % 2 == 0 else sides_at(n)[::-1]:
                 runs[n, side].append(run_side(side, n, threads[n], model, data, args))
     results: dict[int, dict[str, dict]] = {n: {} for n in threads}
     for (n, side), done in runs.items():
@@ -272,19 +285,21 @@ def main() -> None:
     names = {
         "fixed": f"OmniWeave fixed (micro {BATCH}/N, packed)",
         "budget": f"OmniWeave budget {BUDGET} (packed)",
+        "replicas": f"OmniWeave budget {BUDGET}, replicas (DDP)",
         "hf": "HF Trainer (DDP, flattening)",
     }
     print(f"| processes | threads/process | {' | '.join(names.values())} | same tokens per step |")
-    print("| ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for n, sides in results.items():
-        cells = [_cell(sides[side]) for side in names]
+        cells = [_cell(sides[side]) if side in sides else "(1 process)" for side in names]
         print(f"| {n} | {threads[n]} | {' | '.join(cells)} | {_same_tokens(sides)} |")
 
-    print("\n| processes | budget/fixed | budget/HF | fixed/HF |\n| ---: | ---: | ---: | ---: |")
+    ratios = ("budget/fixed", "budget/HF", "replicas/HF", "fixed/HF")
+    print(f"\n| processes | {' | '.join(ratios)} |\n| ---: | ---: | ---: | ---: | ---: |")
     for n, sides in results.items():
         cells = []
-        for ratio in ("budget/fixed", "budget/HF", "fixed/HF"):
-            top, bottom = (sides[s.lower()].get("rate") for s in ratio.split("/"))
+        for ratio in ratios:
+            top, bottom = (sides.get(s.lower(), {}).get("rate") for s in ratio.split("/"))
             cell = _ratio(top, bottom)
             if (n, ratio) in TARGETS and top and bottom:
                 verdict = "OK" if top / bottom >= TARGETS[n, ratio] else "under target"
@@ -293,12 +308,12 @@ def main() -> None:
         print(f"| {n} | {' | '.join(cells)} |")
 
     if 1 in results:  # one process: HF's loss is the global one too
-        losses = [f"{s} " + _num(results[1][s].get("first_loss"), ".5f") for s in names]
+        losses = [f"{s} " + _num(results[1][s].get("first_loss"), ".5f") for s in sides_at(1)]
         print(f"\nstep-1 loss at 1 process (same weights and samples): {', '.join(losses)}")
     first = args.procs[0]
     print(f"\ntokens/s at N processes over {first} process(es) (same side):")
     for side, name in names.items():
-        rates = {n: results[n][side].get("rate") for n in args.procs}
+        rates = {n: results[n].get(side, results[n]["budget"]).get("rate") for n in args.procs}
         speedups = [f"{n}: " + _ratio(rate, rates[first]) for n, rate in rates.items()]
         print(f"- {name}: {', '.join(speedups)}")
 

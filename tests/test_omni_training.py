@@ -265,21 +265,27 @@ def test_bf16_trains_an_omni_model_close_to_fp32(omni_data, tmp_path):
         assert loss == pytest.approx(ref_loss, rel=2e-2)
 
 
-def test_an_omni_model_pipelines_like_one_process(omni_data, tmp_path):
+def test_an_omni_model_pipelines_and_replicates_like_one_process(omni_data, tmp_path):
     """pp=2: the encoders and the embeddings on the first stage, the image decoder's codes
-    learned on the last; the curve and each output modality's loss are the 1-process run's."""
+    learned on the last; dp_replicate=2 (DDP), with steps where a rank has no image for its
+    encoders; the curves, each output modality's loss and the final weights are the
+    1-process run's."""
     config = {**TINY["qwen2"], "vocab_size": CODES + CODEBOOK, "tie_word_embeddings": False}
     model = {"model.config": config, "train.micro_batch_size": 1}
-    one = ("one", _args(omni_data, str(tmp_path / "one"), **model))
+    save = {"train.save_final": True}  # not under pp: a pipeline exports from a checkpoint
+    ddp = {"parallel.dp_replicate": 2, "parallel.dp_shard": 1, **save}
+    one = ("one", _args(omni_data, str(tmp_path / "one"), **model, **save))
     pp = ("pp", _args(omni_data, str(tmp_path / "pp"), **model, **{"parallel.pp": 2}))
+    replicas = ("ddp", _args(omni_data, str(tmp_path / "ddp"), **model, **ddp))
     reference = run_distributed(_train_runs, 1, [one])[0]["one"]
-    piped = run_distributed(_train_runs, 2, [pp])
-    assert piped[0] == piped[1], "ranks disagree"
-    _assert_close(piped[0]["pp"], reference, "pp=2")
-    rows = {
-        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
-        for name in ("one", "pp")
-    }
-    for a, b in zip(rows["pp"], rows["one"], strict=True):
-        assert a["loss_draw"] == pytest.approx(b["loss_draw"], rel=1e-5)
-        assert a["loss_text"] == pytest.approx(b["loss_text"], rel=1e-5)
+    two = run_distributed(_train_runs, 2, [pp, replicas])
+    assert two[0] == two[1], "ranks disagree"
+    assert _imageless_steps(omni_data, dp=2)
+    for name in ("pp", "ddp"):
+        _assert_close(two[0][name], reference, name)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        references = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+        for a, b in zip(rows, references, strict=True):
+            assert a["loss_draw"] == pytest.approx(b["loss_draw"], rel=1e-5), name
+            assert a["loss_text"] == pytest.approx(b["loss_text"], rel=1e-5), name
+    _assert_same_final_weights(tmp_path / "one", tmp_path / "ddp")

@@ -169,6 +169,11 @@ def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
             "parallel.dp_shard": 2,
             "train.micro_batch_size": 1,
         },
+        "dp_replicate=4 (DDP) accumulate 2": {
+            "parallel.dp_replicate": 4,
+            "parallel.dp_shard": 1,
+            "train.micro_batch_size": 1,
+        },
     }
     single, sharded = [], []
     for family, path in models.items():
@@ -334,3 +339,9 @@ def assert_checkpoints_reshard(
         assert len(continued) == 3
         for a, b in zip(losses[3:], continued, strict=True):
             assert abs(a - b) <= 1e-5 * abs(a), (losses, continued)
+
+
+def test_ddp_and_fsdp_checkpoints_reshard(corpus, tmp_path):
+    """A pure-replica (DDP) checkpoint resumes under FSDP and the reverse."""
+    layouts = ({"parallel.dp_replicate": 2, "parallel.dp_shard": 1}, {"parallel.dp_shard": 2})
+    assert_checkpoints_reshard(layouts, corpus, tmp_path, 2)

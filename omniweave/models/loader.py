@@ -20,6 +20,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoConfig, PretrainedConfig
 
 from omniweave.distributed.activations import apply_activation_checkpointing
+from omniweave.distributed.ddp import apply_ddp, uses_ddp
 from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
@@ -76,8 +77,9 @@ def build_model(
     pp_virtual_stages: int = 1,
 ) -> nn.Module:
     """Meta-device init, LoRA adapters, the pipeline stage's part, TP, EP, activation
-    checkpointing (mode, every k-th block) and FSDP2 per the family's recipe, then load
-    ``path`` or init from ``seed``; ``state=None``: one plain CPU model. ``grouped_experts``:
+    checkpointing (mode, every k-th block) and FSDP2 (DDP for pure replicas) per the
+    family's recipe, then load ``path`` or init from ``seed``; ``state=None``: one plain
+    CPU model. ``grouped_experts``:
     MoE experts compute with one grouped GEMM; ``ep_chunks``: EP dispatch in that many
     overlapped parts. ``omni``: an OmniModel with these encoders in front (``path`` then
     holds the foundation only; ``train_encoders: false`` freezes them). ``kernels``:
@@ -111,7 +113,8 @@ def build_model(
     apply_activation_checkpointing(foundation, recipe.block_classes, *activation_checkpointing)
     if kernels[1]:
         compile_blocks(foundation, recipe.block_classes)
-    fsdp = state is not None and needs_fsdp(state, dtype, cpu_offload)
+    ddp = state is not None and uses_ddp(state, dtype, cpu_offload)
+    fsdp = state is not None and needs_fsdp(state, dtype, cpu_offload) and not ddp
     if fsdp:
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
         apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)
@@ -131,6 +134,8 @@ def build_model(
         init_random(model, seed, std)
     if lora:
         init_adapters(foundation, seed)
+    if ddp:  # on the filled weights (DDP checks that the replicas agree)
+        apply_ddp(model, state)
     model.train()
     return model
 

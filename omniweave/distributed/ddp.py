@@ -1,0 +1,34 @@
+"""Pure data parallelism: every rank holds the whole fp32 model, so gradients need one
+all-reduce, which DDP does in a few large buckets while the backward still runs.
+
+FSDP on the same ranks would gather every unit's weights twice per step and reduce-scatter
+its gradients: three collectives per unit instead of one per bucket. The composable
+``replicate`` applies DDP in place, so parameter names (and checkpoints) stay the model's.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed._composable.replicate import replicate
+
+from omniweave.distributed.parallel_state import ParallelState
+
+
+def uses_ddp(state: ParallelState, dtype: str, cpu_offload: bool) -> bool:
+    """Replicas only (``dp_replicate`` is the world), fp32, nothing offloaded: DDP.
+    Lower precision and offload keep FSDP's mixed-precision and offload policies."""
+    d = state.degrees
+    whole = d.dp_shard == d.sequence == d.tp == d.pp == d.ep == 1
+    return d.dp_replicate > 1 and whole and dtype == "float32" and not cpu_offload
+
+
+def apply_ddp(model: nn.Module, state: ParallelState) -> None:
+    """Average ``model``'s gradients over the data-parallel ranks after each backward
+    (skipped while ``set_requires_gradient_sync(False)`` accumulates). Parameters a step
+    leaves unused (an encoder without media, an expert without tokens) are allowed."""
+    replicate(
+        model,
+        device_id=state.device,
+        process_group=state.dp_mesh.get_group(),
+        find_unused_parameters=True,
+    )
