@@ -45,7 +45,7 @@ from omniweave.distributed.parallel_state import (
     init_process_group,
     resolve_degrees,
 )
-from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
+from omniweave.distributed.ring import balanced_slice, ring_inputs
 from omniweave.distributed.ulysses import apply_sequence_attention, check_heads
 from omniweave.models.loader import build_model, load_hf_config
 from omniweave.train.optim import build_optimizer, clip_grad_norm
@@ -79,9 +79,7 @@ def reset_peak(device: torch.device) -> bool:
         return False
 
 
-def make_step(
-    model: torch.nn.Module, state: ParallelState, ring: RingLayout | None
-) -> Callable[[int], None]:
+def make_step(model: torch.nn.Module, state: ParallelState) -> Callable[[int], None]:
     """One optimizer step on a single packed row of ``length`` random tokens, split over the
     ring (``cp``, balanced chunks) and Ulysses (``sp``) as the trainer splits rows."""
     d, device = state.degrees, state.device
@@ -99,14 +97,13 @@ def make_step(
         generator = torch.Generator().manual_seed(length)
         ids = torch.randint(MODEL["vocab_size"], (length,), generator=generator).tolist()
         batch = pack_row([Sample(ids, ids)], pad_id=0, multiple=d.row_multiple)
-        if ring is not None:
-            layout = row_layout(batch.input_ids.shape[1], batch.cu_seqlens, 1)
-            ring.positions, ring.samples = (ring_share(x).to(device) for x in layout)
+        ring = ring_inputs(batch.position_ids, d.cp, state.cp_rank, device) if d.cp > 1 else {}
         logits = model(
             input_ids=local(batch.input_ids),
             position_ids=local(batch.position_ids),
             use_cache=False,
             cu_seq_lens_q=batch.cu_seqlens,
+            **ring,
         ).logits
         token_loss = F.cross_entropy(
             logits.float().flatten(0, 1),
@@ -135,9 +132,8 @@ def worker(
     init_process_group()
     state = ParallelState(resolve_degrees(world, sp=sp, cp=cp), device_for_rank(rank))
     model = build_model(load_hf_config(None, MODEL, "sdpa"), state, seed=0)
-    ring = RingLayout() if cp > 1 else None
-    apply_sequence_attention(model, "sdpa", state.sp_group, ring=ring and (state.cp_group, ring))
-    step, grid, cap = make_step(model, state, ring), args.grid * world, args.cap_gb * GB
+    apply_sequence_attention(model, "sdpa", state.sp_group, ring=state.cp_group)
+    step, grid, cap = make_step(model, state), args.grid * world, args.cap_gb * GB
     step(grid)  # warm-up: optimizer state, allocator pools, kernels
     baseline = peak_bytes(state.device)
     resettable = reset_peak(state.device)

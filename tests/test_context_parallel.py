@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from omniweave.distributed.ring import balanced_slice
+from omniweave.distributed.ring import balanced_slice, ring_inputs
 from tests.distributed import run_distributed
 from tests.models import TINY, hf_model
 from tests.test_parity import (
@@ -50,7 +50,10 @@ def _ring_against_whole_attention(cp: int) -> dict[str, float]:
     torch.manual_seed(0)
     rank, width = dist.get_rank(), 8 * cp
     q, k, v = (torch.randn(1, 2, width, 4) for _ in range(3))
-    position, sample = ring.row_layout(width, torch.tensor([0, 3, 11, width]), 1)
+    lengths = (3, 8, width - 11)  # three packed samples
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    whole_row = ring_inputs(position_ids, 1, 0, "cpu")
+    position, sample = whole_row["ring_positions"], whole_row["ring_samples"]
     mine = ring.balanced_slice(torch.arange(width), cp, rank)
     weights = torch.randn(1, 2, width, 4, generator=torch.Generator().manual_seed(1))
 
@@ -61,15 +64,13 @@ def _ring_against_whole_attention(cp: int) -> dict[str, float]:
     (out * weights).sum().backward()  # every rank's share of the loss
     expected = [out.detach()[:, :, mine], *(x.grad[:, :, mine] for x in whole)]
 
-    layout = ring.RingLayout()
-    layout.positions, layout.samples = position[:, mine], sample[:, mine]
+    layout = ring_inputs(position_ids, cp, rank, "cpu")
     errors = {}
     for name in ("flash", "autograd"):
         local = [x[:, :, mine].transpose(-1, -2).contiguous().transpose(-1, -2) for x in (q, k, v)]
         local = [x.requires_grad_() for x in local]  # strided, as attention gets them
-        run = ring._RingFlash.apply if name == "flash" else None
-        args = (*local, layout.positions, layout.samples, dist.group.WORLD, 0.5)
-        got = run(*args) if run else ring._ring_by_autograd(*local, layout, dist.group.WORLD, 0.5)
+        run = ring._RingFlash.apply if name == "flash" else ring._ring_by_autograd
+        got = run(*local, layout["ring_positions"], layout["ring_samples"], dist.group.WORLD, 0.5)
         (got * weights[:, :, mine]).sum().backward()
         results = [got.detach(), *(x.grad for x in local)]
         errors[name] = max(

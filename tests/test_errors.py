@@ -74,8 +74,9 @@ def test_degrees_fill_and_validate():
     assert resolve_degrees(8, dp_replicate=2, tp=2).dp_shard == 2
     assert resolve_degrees(8, ep=2, tp=2).dp_shard == 4  # experts split over the FSDP ranks
     assert resolve_degrees(8, pp=2, dp_replicate=2).dp_shard == 2
-    with pytest.raises(ValueError, match="pp=2 composes with dp_shard, dp_replicate, tp and sp"):
-        resolve_degrees(4, pp=2, cp=2)
+    assert resolve_degrees(8, pp=2, cp=2).dp_shard == 2
+    with pytest.raises(ValueError, match="pp=2 composes with dp_shard, dp_replicate, tp, cp"):
+        resolve_degrees(4, pp=2, ep=2)
     assert resolve_degrees(8, cp=2, sp=2).fsdp == 8  # context- and sequence-parallel ranks shard
     assert resolve_degrees(8, cp=2, tp=2).fsdp == 4  # tp ranks share their shards
     with pytest.raises(ValueError, match="parallel.ep=4 must divide the FSDP ranks"):

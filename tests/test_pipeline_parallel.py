@@ -1,6 +1,7 @@
 """Pipeline parallelism (``parallel.pp``): the unmodified HF model cut into stages trains the
 curve of the plain model in a plain PyTorch loop under each schedule (1F1B, GPipe, interleaved
-1F1B), padded and packed, with FSDP, with tensor parallelism and with Ulysses; its
+1F1B), padded and packed, with FSDP, with tensor parallelism, with Ulysses and with ring
+attention (activation checkpointing recomputes each micro-batch with its own ring layout); its
 checkpoints resume from ``pp=2 x tp=2`` on ``dp_shard=4`` and the reverse; the stages are
 balanced by parameter count; mistakes are one-line errors."""
 
@@ -64,6 +65,21 @@ def test_pipeline_matches_the_unsharded_reference(models, corpus, tmp_path):
                 "data.packing": True,
                 "train.micro_batch_size": 2,
             },
+            "pp=2 x cp=2 packed, checkpointed": {
+                "parallel.pp": 2,
+                "parallel.cp": 2,
+                "parallel.dp_shard": 1,
+                "data.packing": True,
+                "train.micro_batch_size": 2,
+                "train.activation_checkpointing": "full",
+            },
+            "pp=2 x cp=2 padded, gpipe": {
+                "parallel.pp": 2,
+                "parallel.cp": 2,
+                "parallel.dp_shard": 1,
+                "parallel.pp_schedule": "gpipe",
+                "train.micro_batch_size": 2,
+            },
             "pp=2 x tp=2 packed": {
                 "parallel.pp": 2,
                 "parallel.tp": 2,
@@ -113,6 +129,6 @@ def test_pipeline_mistakes_are_one_line_errors(corpus, tmp_path):
         2, **interleaved, **{"parallel.pp_virtual_stages": 2}
     )
     assert "tied" in error(2, TINY["qwen2"], **{"parallel.pp": 2})
-    assert "tp and sp only" in error(4, **{"parallel.pp": 2, "parallel.cp": 2})
+    assert "not yet with expert parallelism" in error(4, **{"parallel.pp": 2, "parallel.ep": 2})
     assert "mixture-of-experts" in error(2, {**TINY["qwen3_moe"], **UNTIED}, **{"parallel.pp": 2})
     assert "chunked" in error(2, **{"parallel.pp": 2, "train.cross_entropy": "chunked"})

@@ -1,7 +1,8 @@
 """Tensor parallelism (``parallel.tp``): the unmodified HF model split by its own plan trains
 the curve of the plain model in a plain PyTorch loop, alone, under FSDP and with Ulysses,
-padded and packed; its checkpoints resume on a layout without tensor parallelism and the
-reverse."""
+padded and packed, with the vocabulary-parallel loss on whole logits or chunk by chunk
+(``train.cross_entropy: chunked``); its checkpoints resume on a layout without tensor
+parallelism and the reverse."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from tests.test_parity import (
     layout_curves,
     resume_args,
 )
+
+CHUNKED = {"train.cross_entropy": "chunked", "train.cross_entropy_chunk": 16}  # several chunks
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,7 @@ def test_tensor_parallel_matches_the_unsharded_reference(models, corpus, tmp_pat
         2: {
             "tp=2": {"parallel.tp": 2, "train.micro_batch_size": 4},
             "tp=2 packed": {"parallel.tp": 2, "data.packing": True, "train.micro_batch_size": 8},
+            "tp=2 chunked loss": {"parallel.tp": 2, **CHUNKED, "train.micro_batch_size": 4},
         },
         4: {
             "tp=2 x dp_shard=2": {"parallel.tp": 2, "parallel.dp_shard": 2},
@@ -41,6 +45,12 @@ def test_tensor_parallel_matches_the_unsharded_reference(models, corpus, tmp_pat
                 "parallel.dp_shard": 2,
                 "data.packing": True,
                 "train.activation_checkpointing": "full",
+            },
+            "tp=2 x dp_shard=2 packed, chunked loss": {
+                "parallel.tp": 2,
+                "parallel.dp_shard": 2,
+                "data.packing": True,
+                **CHUNKED,
             },
         },
     }
@@ -68,7 +78,6 @@ def test_tensor_parallel_mistakes_are_one_line_errors(corpus, tmp_path):
     assert "must divide the model's 4 attention heads" in error(3, **{"parallel.tp": 3})
     assert "sp=2 x parallel.tp=4 must divide" in error(8, **{"parallel.tp": 4, "parallel.sp": 2})
     assert "olmoe" in error(2, "olmoe", **{"parallel.tp": 2})  # a plan of other styles
-    assert "chunked" in error(2, **{"parallel.tp": 2, "train.cross_entropy": "chunked"})
 
 
 def test_tensor_parallel_with_expert_parallel_experts_matches_the_moe_reference(corpus, tmp_path):

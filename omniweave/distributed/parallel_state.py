@@ -92,10 +92,10 @@ def resolve_degrees(
             f"--nproc {product} or torchrun), or set parallel.dp_shard=-1 to use whatever is left."
         )
 
-    if pp > 1 and (cp > 1 or ep > 1):
+    if pp > 1 and ep > 1:
         raise ValueError(
-            f"parallel.pp={pp} composes with dp_shard, dp_replicate, tp and sp only yet; use "
-            "parallel.cp and ep = 1 with it."
+            f"parallel.pp={pp} composes with dp_shard, dp_replicate, tp, cp and sp, not yet "
+            "with expert parallelism; use parallel.ep=1 with it."
         )
     degrees = Degrees(dp_replicate, dp_shard, sp, ep, tp, cp, pp)
     if degrees.fsdp % ep:

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from omniweave.data.processors import IGNORE_INDEX
+from omniweave.distributed.ring import ring_inputs
 
 
 def check_pipeline(
@@ -132,15 +133,16 @@ def split_stage(model: nn.Module, rank: int, pp: int, virtual: int = 1) -> dict[
 
 
 def _make_forward(owned: dict[int, range], stages: int):
-    def forward(self, x, position_ids, row_positions, targets, weights, stage=None):
+    def forward(self, x, position_ids, row_positions, targets, weights, stage=None, **ring):
         """A stage (the rank's only one by default): token ids or embeddings (first) or
         hidden states in; hidden states out, or from the last stage each token's
         cross-entropy times its weight, and unweighted, ``[rows, tokens, 2]``. Inputs are
-        this rank's slice of the rows (Ulysses); ``row_positions``: the whole rows'."""
+        this rank's slice of the rows (ring, Ulysses); ``row_positions``: the whole rows';
+        ``ring``: the micro-batch's ``ring_inputs``, handed to every layer."""
         stage = next(iter(owned)) if stage is None else stage
         base = self.model
         hidden = base.embed_tokens(x) if stage == 0 and not x.is_floating_point() else x
-        extra = {}
+        extra = dict(ring)
         if row_positions.shape[0] == 1:  # a packed row: samples start where positions restart
             starts = torch.nonzero(row_positions[0] == 0).flatten()
             end = torch.tensor([row_positions.shape[1]], device=starts.device)
@@ -171,14 +173,18 @@ def _make_forward(owned: dict[int, range], stages: int):
 
 
 def _make_omni_forward(only_stage: int):
-    def forward(self, x, position_ids, row_positions, targets, weights, micro_batch, stage=None):
+    def forward(
+        self, x, position_ids, row_positions, targets, weights, micro_batch, stage=None, **ring
+    ):
         """An OmniModel's stage: the first embeds the tokens and its micro-batch's media
         (``pipeline_media[micro_batch]``, set for the step by ``Pipeline``), then the
         language model's stage runs."""
         stage = only_stage if stage is None else stage
         if stage == 0:
             x = self.embed(x, self.pipeline_media[int(micro_batch[0])])
-        return self.foundation(x, position_ids, row_positions, targets, weights, stage=stage)
+        return self.foundation(
+            x, position_ids, row_positions, targets, weights, stage=stage, **ring
+        )
 
     return forward
 
@@ -233,14 +239,16 @@ class Pipeline:
         local=None,
         sequence_split: tuple[int, int] = (1, 1),
         output_ranges: dict[str, tuple[int, int]] | None = None,
+        ring: tuple[int, int] | None = None,
     ):
-        """``local``: this rank's slice of a whole row's tensor (Ulysses), on the device;
-        ``sequence_split``: (sp, tp), the ranks the inputs and then the activations between
-        stages are split over along the sequence; ``output_ranges``: token-id ranges of an
-        OmniModel's output modalities, whose token losses are summed apart."""
+        """``local``: this rank's slice of a whole row's tensor (ring, Ulysses), on the
+        device; ``sequence_split``: (cp x sp, tp), the ranks the inputs and then the
+        activations between stages are split over along the sequence; ``output_ranges``:
+        token-id ranges of an OmniModel's output modalities, whose token losses are summed
+        apart; ``ring``: (cp, cp rank) of ring context parallelism."""
         self.model, self.pp, self.virtual = model, pp, virtual
         self.local = local or (lambda t: t.to(device))
-        self.sequence_split = sequence_split
+        self.sequence_split, self.ring = sequence_split, ring
         self.output_ranges = list((output_ranges or {}).values())
         self.media = hasattr(model, "encoders")  # an OmniModel: its first stage reads media
         self.stage_indices = rank_stages(rank, pp, virtual)
@@ -258,11 +266,11 @@ class Pipeline:
         from torch.distributed.pipelining import PipelineStage
 
         last = self.pp * self.virtual - 1
-        sp, tp = self.sequence_split
-        shape = (rows, width // sp // tp, self.hidden_size)  # gradients flow back
+        sequence, tp = self.sequence_split
+        shape = (rows, width // sequence // tp, self.hidden_size)  # gradients flow back
         hidden = torch.empty(shape, dtype=dtype, device=self.device, requires_grad=True)
-        ids = torch.empty(rows, width // sp, dtype=torch.long, device=self.device)
-        losses = torch.empty(rows, width // sp, 2, device=self.device)
+        ids = torch.empty(rows, width // sequence, dtype=torch.long, device=self.device)
+        losses = torch.empty(rows, width // sequence, 2, device=self.device)
         module = self.model if self.virtual == 1 else _StageView(self.model, index)
         return PipelineStage(
             module,
@@ -324,6 +332,7 @@ class Pipeline:
             torch.cat(column) for column in zip(*parts, strict=True)
         )
         row_positions = positions.to(self.device)
+        ring = {} if self.ring is None else ring_inputs(positions, *self.ring, self.device)
         ids, positions, targets, weights = map(self.local, (ids, positions, targets, weights))
         self.scale = scale
         self.token_loss_sum.zero_()
@@ -331,7 +340,7 @@ class Pipeline:
         schedule = self._schedule(len(batches), rows, width, dtype)
         args = (ids,) if 0 in self.stage_indices else ()
         kwargs = {"position_ids": positions, "row_positions": row_positions}
-        kwargs |= {"targets": targets, "weights": weights}
+        kwargs |= {"targets": targets, "weights": weights, **ring}
         if self.media:  # each micro-batch's index, to find its media
             self.model.pipeline_media = [batch.media for batch in batches]
             index = torch.arange(len(batches), device=self.device).repeat_interleave(rows)

@@ -38,23 +38,19 @@ def balanced_slice(t: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=-1)
 
 
-def row_layout(width: int, cu_seqlens: torch.Tensor | None, rows: int) -> tuple:
-    """(position in the row, sample index) of every token of ``rows`` rows of ``width``
-    tokens; ``cu_seqlens``: the packed samples' boundaries in the flattened rows."""
-    positions = torch.arange(rows * width).view(rows, width)
-    if cu_seqlens is None:
-        return positions % width, torch.zeros(rows, width, dtype=torch.long)
-    starts = torch.zeros(rows * width, dtype=torch.long)
-    starts[cu_seqlens[1:-1].long()] = 1
-    return positions % width, starts.cumsum(0).view(rows, width)
-
-
-class RingLayout:
-    """Where this rank's tokens sit in their rows, set by the trainer before each forward:
-    ``positions`` and ``samples`` ``[rows, tokens/cp]``."""
-
-    positions: torch.Tensor
-    samples: torch.Tensor
+def ring_inputs(position_ids: torch.Tensor, cp: int, rank: int, device) -> dict:
+    """The keyword arguments ring attention reads from each layer's call, for ``rank``'s
+    tokens of rows whose position ids are ``position_ids`` ``[rows, width]``: each token's
+    position in its row and its sample's index in the row (a sample starts where the
+    position ids restart at 0). Passed with the call, they are the ones activation
+    checkpointing's recompute and a pipeline's later backward see."""
+    rows, width = position_ids.shape
+    positions = torch.arange(width).expand(rows, width)
+    samples = (position_ids.cpu() == 0).cumsum(-1)
+    return {
+        "ring_positions": balanced_slice(positions, cp, rank).to(device),
+        "ring_samples": balanced_slice(samples, cp, rank).to(device),
+    }
 
 
 class _RingShift(torch.autograd.Function):
@@ -92,17 +88,20 @@ def ring_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    layout: RingLayout,
+    positions: torch.Tensor,
+    samples: torch.Tensor,
     group,
     scaling: float,
 ) -> torch.Tensor:
     """Causal attention ``[rows, heads, tokens/cp, dim]`` over the whole rows held by the
-    ``group``'s ranks (KV heads already repeated to the query heads). On CPU each block runs
-    the fused flash kernel and the backward recomputes blocks (memory ~ tokens/cp per rank);
-    elsewhere the blocks are plain differentiable tensor ops (scores kept for the backward)."""
+    ``group``'s ranks (KV heads already repeated to the query heads); ``positions`` and
+    ``samples`` ``[rows, tokens/cp]``: this rank's tokens' (see ``ring_inputs``). On CPU each
+    block runs the fused flash kernel and the backward recomputes blocks (memory ~ tokens/cp
+    per rank); elsewhere the blocks are plain differentiable tensor ops (scores kept for the
+    backward)."""
     if query.device.type == "cpu":
-        return _RingFlash.apply(query, key, value, layout.positions, layout.samples, group, scaling)
-    return _ring_by_autograd(query, key, value, layout, group, scaling)
+        return _RingFlash.apply(query, key, value, positions, samples, group, scaling)
+    return _ring_by_autograd(query, key, value, positions, samples, group, scaling)
 
 
 def _merge(out, lse, block_out, block_lse) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,10 +178,9 @@ class _RingFlash(torch.autograd.Function):
         return grad_q.to(cast), grad_k.to(cast), grad_v.to(cast), None, None, None, None
 
 
-def _ring_by_autograd(query, key, value, layout: RingLayout, group, scaling) -> torch.Tensor:
+def _ring_by_autograd(query, key, value, q_pos, q_sample, group, scaling) -> torch.Tensor:
     """The same attention in plain tensor ops, differentiated by autograd."""
     size = dist.get_world_size(group)
-    q_pos, q_sample = layout.positions, layout.samples
     k_pos, k_sample = q_pos, q_sample
     q = query.float() * scaling
     out, lse = None, None

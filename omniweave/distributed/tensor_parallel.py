@@ -6,7 +6,8 @@ attention and MLP gathers the whole sequence at its entry, computes its share of
 of the hidden units (column-wise projections), and its row-wise output projection
 reduce-scatters back to a sequence split. The embedding is split over the vocabulary; the LM
 head's logits stay split over the vocabulary, and the loss is computed on them in place
-(``loss_parallel``), so full logits never exist on any rank.
+(``loss_parallel``), or chunk by chunk with the head (``train.cross_entropy: chunked``), so
+full logits never exist on any rank.
 
 Mixture-of-experts blocks stay whole on every rank and run on the rank's own slice of the
 sequence (tokens are routed one by one; with ``ep`` the experts are split over the ``ep``
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -139,15 +140,32 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
         plan[f"{prefix}.embed_tokens"] = RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Shard(1)
         )
-    if head is not None:
-        name = next(n for n, m in model.named_modules() if m is head)
-        plan[name] = ColwiseParallel(
-            input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
-        )
     tied = head is not None and embedding is not None and head.weight is embedding.weight
     parallelize_module(model, mesh, plan)
+    if head is not None:
+        split_vocabulary_head(head, mesh)
     if tied:  # both split the vocabulary (dim 0): one parameter again
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def split_vocabulary_head(head: nn.Linear, mesh: DeviceMesh) -> None:
+    """The LM head split over the vocabulary: its weight sharded on dim 0, its input (the
+    final norm's sequence split) gathered whole. Its logits come out split over the
+    vocabulary, for ``loss_parallel``; a chunked loss head (``install_loss_head``) reads the
+    same weight and input and returns its per-token losses as they are."""
+
+    def split_weight(_name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        if module is head:
+            weight = distribute_tensor(module.weight, mesh, [Shard(0)])
+            module.register_parameter("weight", nn.Parameter(weight, module.weight.requires_grad))
+
+    def gather_sequence(_module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        hidden, *rest = inputs
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, mesh, [Shard(1)], run_check=False)
+        return (hidden.redistribute(placements=[Replicate()]), *rest)
+
+    distribute_module(head, mesh, split_weight, input_fn=gather_sequence)
 
 
 def _style(style: str):

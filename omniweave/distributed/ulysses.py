@@ -49,13 +49,12 @@ def replicate_kv_heads(kv: torch.Tensor, sp: int) -> torch.Tensor:
     return kv if repeats == 1 else kv.repeat_interleave(repeats, dim=1)
 
 
-def make_attention(
-    backend: str, group, prefetched: dict | None = None, ring: tuple | None = None
-) -> callable:
+def make_attention(backend: str, group, prefetched: dict | None = None, ring=None) -> callable:
     """An attention function in transformers' signature: local tokens in, local tokens out.
     Q, K and V are exchanged concurrently; ``prefetched`` maps an attention module to its
-    value exchange already in flight (``prefetch_values``). ``ring``: (group, RingLayout)
-    of ring context parallelism, which then attends across the ring's ranks."""
+    value exchange already in flight (``prefetch_values``). ``ring``: the group of ring
+    context parallelism, which then attends across the ring's ranks (the layer's call
+    carries ``ring_inputs``)."""
     sp = 1 if group is None else dist.get_world_size(group)
     prefetched = {} if prefetched is None else prefetched
 
@@ -84,7 +83,8 @@ def make_attention(
             repeats = query.shape[1] // key.shape[1]  # GQA: each query head meets its KV head
             key, value = (x.repeat_interleave(repeats, dim=1) for x in (key, value))
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = ring_attention(query, key, value, ring[1], ring[0], scale)
+            positions, samples = kwargs["ring_positions"], kwargs["ring_samples"]
+            out = ring_attention(query, key, value, positions, samples, ring, scale)
             if sp > 1:
                 out = all_to_all(out, 2, 1, group)
             return out.transpose(1, 2).contiguous(), None
@@ -119,12 +119,12 @@ def check_heads(config: PretrainedConfig, sp: int, tp: int = 1) -> None:
 
 
 def apply_sequence_attention(
-    model: nn.Module, backend: str, group, async_values: bool = True, ring: tuple | None = None
+    model: nn.Module, backend: str, group, async_values: bool = True, ring=None
 ) -> None:
     """Route the language model's attention through Ulysses (``group``), per-segment packed
-    attention and, with ``ring`` (group, RingLayout), ring attention across context-parallel
-    ranks. Only the text config changes: vision/audio towers keep their own.
-    ``async_values``: start each value exchange as soon as its projection is done."""
+    attention and, with ``ring`` (a group), ring attention across context-parallel ranks.
+    Only the text config changes: vision/audio towers keep their own. ``async_values``:
+    start each value exchange as soon as its projection is done."""
     name = f"omniweave_{backend}"
     prefetched = {}
     if group is not None and dist.get_world_size(group) > 1 and async_values:

@@ -70,11 +70,6 @@ def validate(cfg: Config, world_size: int) -> tuple[Degrees, PretrainedConfig, A
     if degrees.tp > 1:
         with torch.device("meta"):
             check_tensor_parallel(model_from_config(hf_config), degrees.tp)
-    if degrees.tp > 1 and cfg.train.cross_entropy == "chunked":
-        raise ValueError(
-            "train.cross_entropy=chunked with parallel.tp > 1: the vocabulary-parallel loss "
-            "never builds full logits either; use train.cross_entropy=naive."
-        )
     check_experts(hf_config, degrees.ep)
     budget = cfg.data.max_tokens_per_microbatch
     if budget is not None and budget < cfg.data.max_seq_len:

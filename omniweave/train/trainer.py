@@ -30,7 +30,7 @@ from omniweave.distributed.parallel_state import (
     init_process_group,
 )
 from omniweave.distributed.pipeline import Pipeline
-from omniweave.distributed.ring import RingLayout, balanced_slice, row_layout
+from omniweave.distributed.ring import balanced_slice, ring_inputs
 from omniweave.distributed.tensor_parallel import sum_gradients, token_local_parameters
 from omniweave.distributed.ulysses import (
     apply_sequence_attention,
@@ -123,15 +123,13 @@ class Trainer:
         if t.cross_entropy == "chunked":
             head = self.foundation.get_output_embeddings()
             self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
-        self.ring_layout = RingLayout() if degrees.cp > 1 else None
         if degrees.sequence > 1 or degrees.tp > 1 or d.packing:  # tp: masks of local length
-            ring = (self.state.cp_group, self.ring_layout) if degrees.cp > 1 else None
             apply_sequence_attention(
                 self.model,
                 cfg.model.attn_implementation,
                 self.state.sp_group,
                 cfg.parallel.async_ulysses,
-                ring,
+                self.state.cp_group,
             )
         if self.omni_parts and degrees.sp > 1:  # embeddings are built whole; the stack gets a slice
             stack = self.model.model.language_model if self.native else self.foundation.model
@@ -148,7 +146,8 @@ class Trainer:
                 p.pp_schedule,
                 self.state.device,
                 local=self._local,
-                sequence_split=(degrees.sp, degrees.tp),
+                sequence_split=(degrees.sequence, degrees.tp),
+                ring=(degrees.cp, self.state.cp_rank) if degrees.cp > 1 else None,
                 output_ranges=self.output_ranges,
             )
         self.hf_config = hf_config
@@ -406,13 +405,9 @@ class Trainer:
                 "input_ids": self._local(batch.input_ids),
                 "position_ids": self._local(batch.position_ids),
             }
-        if self.ring_layout is not None:  # where the ring's tokens sit (positions, samples)
-            rows, width = batch.input_ids.shape
-            layout = row_layout(width, batch.cu_seqlens, rows)
-            cp, rank, device = self.state.degrees.cp, self.state.cp_rank, self.state.device
-            self.ring_layout.positions, self.ring_layout.samples = (
-                balanced_slice(x, cp, rank).to(device) for x in layout
-            )
+        if self.state.degrees.cp > 1:  # where the ring's tokens sit (positions, samples)
+            cp, rank = self.state.degrees.cp, self.state.cp_rank
+            extra |= ring_inputs(batch.position_ids, cp, rank, self.state.device)
         targets = self._local(batch.targets).flatten()
         if self.loss_head is not None:
             self.loss_head.targets = targets
