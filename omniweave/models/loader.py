@@ -79,9 +79,8 @@ def build_model(
     """Meta-device init, LoRA adapters, the pipeline stage's part, TP, EP, activation
     checkpointing (mode, every k-th block) and FSDP2 (DDP for pure replicas) per the
     family's recipe, then load ``path`` or init from ``seed``; ``state=None``: one plain
-    CPU model. ``grouped_experts``:
-    MoE experts compute with one grouped GEMM; ``ep_chunks``: EP dispatch in that many
-    overlapped parts. ``omni``: an OmniModel with these encoders in front (``path`` then
+    CPU model. ``grouped_experts``: MoE experts compute with one grouped GEMM;
+    ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with these encoders in front (``path`` then
     holds the foundation only; ``train_encoders: false`` freezes them). ``kernels``:
     ``train.kernels`` and whether to compile each block. ``pp_virtual_stages``: pipeline
     stages per pipeline rank."""
