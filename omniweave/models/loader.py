@@ -80,10 +80,10 @@ def build_model(
     checkpointing (mode, every k-th block) and FSDP2 (DDP for pure replicas) per the
     family's recipe, then load ``path`` or init from ``seed``; ``state=None``: one plain
     CPU model. ``grouped_experts``: MoE experts compute with one grouped GEMM;
-    ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with these encoders in front (``path`` then
-    holds the foundation only; ``train_encoders: false`` freezes them). ``kernels``:
-    ``train.kernels`` and whether to compile each block. ``pp_virtual_stages``: pipeline
-    stages per pipeline rank."""
+    ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with
+    these encoders in front (``path`` then holds the foundation only; ``train_encoders:
+    false`` freezes them). ``kernels``: ``train.kernels`` and whether to compile each block.
+    ``pp_virtual_stages``: pipeline stages per pipeline rank."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = model_from_config(config)
