@@ -22,7 +22,6 @@ from torch.distributed.tensor import DTensor
 from transformers import PretrainedConfig
 
 from omniweave.data.processors import IGNORE_INDEX
-from omniweave.distributed.ring import ring_inputs
 
 
 def check_pipeline(
@@ -239,16 +238,17 @@ class Pipeline:
         local=None,
         sequence_split: tuple[int, int] = (1, 1),
         output_ranges: dict[str, tuple[int, int]] | None = None,
-        ring: tuple[int, int] | None = None,
+        ring=None,
     ):
         """``local``: this rank's slice of a whole row's tensor (ring, Ulysses), on the
         device; ``sequence_split``: (cp x sp, tp), the ranks the inputs and then the
         activations between stages are split over along the sequence; ``output_ranges``:
         token-id ranges of an OmniModel's output modalities, whose token losses are summed
-        apart; ``ring``: (cp, cp rank) of ring context parallelism."""
+        apart; ``ring``: the ``ring_inputs`` of whole rows' position ids (ring context
+        parallelism)."""
         self.model, self.pp, self.virtual = model, pp, virtual
         self.local = local or (lambda t: t.to(device))
-        self.sequence_split, self.ring = sequence_split, ring
+        self.sequence_split, self.ring = sequence_split, ring or (lambda _positions: {})
         self.output_ranges = list((output_ranges or {}).values())
         self.media = hasattr(model, "encoders")  # an OmniModel: its first stage reads media
         self.stage_indices = rank_stages(rank, pp, virtual)
@@ -332,7 +332,7 @@ class Pipeline:
             torch.cat(column) for column in zip(*parts, strict=True)
         )
         row_positions = positions.to(self.device)
-        ring = {} if self.ring is None else ring_inputs(positions, *self.ring, self.device)
+        ring = self.ring(positions)
         ids, positions, targets, weights = map(self.local, (ids, positions, targets, weights))
         self.scale = scale
         self.token_loss_sum.zero_()

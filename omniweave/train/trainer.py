@@ -147,7 +147,7 @@ class Trainer:
                 self.state.device,
                 local=self._local,
                 sequence_split=(degrees.sequence, degrees.tp),
-                ring=(degrees.cp, self.state.cp_rank) if degrees.cp > 1 else None,
+                ring=self._ring_inputs,
                 output_ranges=self.output_ranges,
             )
         self.hf_config = hf_config
@@ -380,6 +380,13 @@ class Trainer:
             t = balanced_slice(t, d.cp, self.state.cp_rank)
         return t.chunk(d.sp, dim=-1)[self.state.sp_rank].to(self.state.device)
 
+    def _ring_inputs(self, position_ids: torch.Tensor) -> dict:
+        """Where this rank's tokens of whole rows sit, for ring attention (none without it)."""
+        d = self.state.degrees
+        if d.cp == 1:
+            return {}
+        return ring_inputs(position_ids, d.cp, self.state.cp_rank, self.state.device)
+
     def _in_range(self, targets: torch.Tensor, modality: str) -> torch.Tensor:
         low, high = self.output_ranges[modality]
         return (targets >= low) & (targets < high)
@@ -405,9 +412,7 @@ class Trainer:
                 "input_ids": self._local(batch.input_ids),
                 "position_ids": self._local(batch.position_ids),
             }
-        if self.state.degrees.cp > 1:  # where the ring's tokens sit (positions, samples)
-            cp, rank = self.state.degrees.cp, self.state.cp_rank
-            extra |= ring_inputs(batch.position_ids, cp, rank, self.state.device)
+        extra |= self._ring_inputs(batch.position_ids)
         targets = self._local(batch.targets).flatten()
         if self.loss_head is not None:
             self.loss_head.targets = targets
