@@ -46,20 +46,14 @@ def causal_attention(
     if cu_seqlens is None:
         return _dense(query, key, value, backend, scaling, dropout, sliding_window, is_causal)
     assert query.shape[0] == 1, "packed rows have batch size 1"
-    bounds = cu_seqlens.tolist()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    # split, not slices: its backward is one concatenation, where each slice's would be a
+    # zero-filled row-sized gradient per segment
+    segments = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
     parts = [
-        _dense(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            backend,
-            scaling,
-            dropout,
-            sliding_window,
-            is_causal,
-        )
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        if end > start
+        _dense(q, k, v, backend, scaling, dropout, sliding_window, is_causal)
+        for q, k, v in segments
+        if q.shape[2] > 0
     ]
     return torch.cat(parts, dim=2)
 
