@@ -52,6 +52,7 @@ from omniweave.train.checkpoint import Checkpointer, choose_checkpoint, set_asid
 from omniweave.train.checks import validate
 from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
 from omniweave.train.export import export_live
+from omniweave.train.host_memory import keep_freed_host_memory
 from omniweave.train.metrics import (
     MetricsWriter,
     device_peak_flops,
@@ -74,6 +75,8 @@ class Trainer:
         init_process_group(cfg.parallel.timeout_s)
         self.state = ParallelState(degrees, device_for_rank(int(os.environ.get("LOCAL_RANK", "0"))))
         self.is_main = self.state.rank == 0
+        if self.state.device.type == "cpu":  # activations live in host memory
+            keep_freed_host_memory()
         if not (self.is_main or cfg.log.all_ranks):
             quiet_this_rank()
         seed_everything(cfg.train.seed)
