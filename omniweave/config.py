@@ -77,6 +77,9 @@ class ParallelConfig:
     ep_chunks: int = _opt(1, ge=1)  # EP dispatch in parts: exchange overlaps expert compute
     async_ulysses: bool = True  # start each value all-to-all when its projection is done
     cpu_offload: bool = False
+    # FSDP: free each unit's gathered weights after its forward (false: keep them for the
+    # backward, one all-gather per unit and step fewer, the whole model's weights held meanwhile)
+    reshard_after_forward: bool = True
     timeout_s: float = _opt(600.0, gt=0)  # a collective waiting longer is an error
 
 

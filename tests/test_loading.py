@@ -80,3 +80,22 @@ def test_sharded_load_matches_hf_logits(tmp_path):
             assert result["read"] == result["local"], (rank, path)
             assert result["read"] < total / 2, (rank, path)
             assert result["tied"] == tied, path
+
+
+def _sharded_after_forward(reshard_after_forward: bool) -> bool:
+    """Whether a decoder layer's weight is a (sharded) DTensor again after a forward."""
+    from torch.distributed.tensor import DTensor
+
+    from omniweave.distributed.parallel_state import ParallelState, resolve_degrees
+    from omniweave.models.loader import build_model
+
+    config = hf_model("llama").config
+    state = ParallelState(resolve_degrees(2), torch.device("cpu"))
+    model = build_model(config, state, reshard_after_forward=reshard_after_forward)
+    model(input_ids=torch.arange(8).unsqueeze(0), use_cache=False).logits.sum()
+    return isinstance(model.model.layers[0].mlp.up_proj.weight, DTensor)
+
+
+def test_reshard_after_forward_false_keeps_the_gathered_weights_for_the_backward():
+    for reshard in (True, False):
+        assert run_distributed(_sharded_after_forward, 2, reshard) == [reshard, reshard]

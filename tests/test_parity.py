@@ -163,7 +163,11 @@ def _assert_close(curve, reference, label):
 def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
     layouts = {
         "dp_shard=4": {"parallel.dp_shard": 4, "train.micro_batch_size": 2},
-        "dp_shard=4 accumulate 2": {"parallel.dp_shard": 4, "train.micro_batch_size": 1},
+        "dp_shard=4 accumulate 2, weights kept from forward to backward": {
+            "parallel.dp_shard": 4,
+            "parallel.reshard_after_forward": False,
+            "train.micro_batch_size": 1,
+        },
         "dp_replicate=2 x dp_shard=2": {
             "parallel.dp_replicate": 2,
             "parallel.dp_shard": 2,

@@ -31,18 +31,23 @@ def apply_fsdp(
     dtype: str = "float32",
     cpu_offload: bool = False,
     expert_units: tuple[str, ...] = (),
+    reshard_after_forward: bool = True,
 ) -> None:
     """Wrap each module matching ``shard_units`` (children before parents), then the root.
 
     Tied input/output embeddings must live in one unit, so when they are tied
     neither is wrapped on its own and the root holds them. ``expert_units`` are
     sharded over the ranks that hold the same experts (their weights are already
-    DTensors on the ``ep`` axis).
+    DTensors on the ``ep`` axis). ``reshard_after_forward=False`` keeps each unit's
+    gathered weights from its forward to its backward (ZeRO-2 style).
     """
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
     kwargs = dict(
-        mesh=state.sharding_mesh, mp_policy=policy, offload_policy=offload or OffloadPolicy()
+        mesh=state.sharding_mesh,
+        mp_policy=policy,
+        offload_policy=offload or OffloadPolicy(),
+        reshard_after_forward=reshard_after_forward,
     )
     tied = _tied_module_names(model)
     for name, module in reversed(list(model.named_modules())):

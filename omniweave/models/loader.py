@@ -75,6 +75,7 @@ def build_model(
     kernels: tuple[str, bool] = ("torch", False),
     lora: LoraSettings | None = None,
     pp_virtual_stages: int = 1,
+    reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Meta-device init, LoRA adapters, the pipeline stage's part, TP, EP, activation
     checkpointing (mode, every k-th block) and FSDP2 (DDP for pure replicas) per the
@@ -83,7 +84,8 @@ def build_model(
     ``ep_chunks``: EP dispatch in that many overlapped parts. ``omni``: an OmniModel with
     these encoders in front (``path`` then holds the foundation only; ``train_encoders:
     false`` freezes them). ``kernels``: ``train.kernels`` and whether to compile each block.
-    ``pp_virtual_stages``: pipeline stages per pipeline rank."""
+    ``pp_virtual_stages``: pipeline stages per pipeline rank. ``reshard_after_forward``:
+    FSDP's, for every unit."""
     recipe = recipe_for(config.model_type)
     with torch.device("meta"):
         model = foundation = model_from_config(config)
@@ -116,7 +118,7 @@ def build_model(
     fsdp = state is not None and needs_fsdp(state, dtype, cpu_offload) and not ddp
     if fsdp:
         expert_units = tuple(prefix + glob for glob in recipe.expert_units)
-        apply_fsdp(model, state, units, dtype, cpu_offload, expert_units)
+        apply_fsdp(model, state, units, dtype, cpu_offload, expert_units, reshard_after_forward)
     model.to_empty(device="cpu" if cpu_offload or state is None else state.device)
     if not fsdp:
         foundation.tie_weights()  # to_empty breaks tying of unwrapped modules; FSDP keeps it

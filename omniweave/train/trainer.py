@@ -117,6 +117,7 @@ class Trainer:
             kernels=(t.kernels, t.compile),
             lora=self.lora,
             pp_virtual_stages=cfg.parallel.pp_virtual_stages,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
         )
         self.foundation = self.model.foundation if omni else self.model
         self.native = None  # a native multimodal model's media inputs and M-RoPE positions
