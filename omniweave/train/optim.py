@@ -47,15 +47,6 @@ def build_scheduler(
     return LambdaLR(optimizer, lambda step: lr_factor(step, schedule, warmup, total, min_ratio))
 
 
-def _sum_of_squares(grad: torch.Tensor) -> torch.Tensor:
-    """A gradient's sum of squares as float64: BLAS's float32 dot within the tensor (about
-    1e-6 relative, as torch's own ``clip_grad_norm_``; 4x faster on the CPU than a float64
-    norm), float64 across tensors and ranks."""
-    flat = grad.reshape(-1)
-    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    return torch.dot(flat, flat).double()
-
-
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, stages=None) -> torch.Tensor:
     """Global L2 norm of all gradients (plain or DTensor, any meshes); clip when max_norm > 0.
@@ -78,7 +69,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, stages=None) -> 
     squares = []
     for key, group in groups.items():
         local = [g.to_local() for g in group] if key else group
-        square = torch.stack([_sum_of_squares(g) for g in local]).sum()
+        # float64: float32 sums over millions of entries drift by ~1e-6 between layouts (a
+        # float32 dot here moved the 700-step omni demo's spoken-digit score from 0.7 to 0.6)
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in local]
+        square = torch.stack(norms).square().sum()
         if key:  # sum over the mesh dims that split the gradients; replicas hold copies
             mesh, placements = key
             for dim, placement in enumerate(placements):
