@@ -5,8 +5,9 @@ unmaps it when freed, and returns a free heap top past 128 KiB to the system. A 
 frees its activations and the next allocates the same sizes again, so every step faults
 them back in page by page, zero-filled by the kernel: about 9,000 minor page faults per step
 on the scaling benchmark's model. Raising the thresholds keeps those blocks in the heap (1,000
-faults per step there; steps 3-5% faster). Freed memory then stays with the process up to
-the trim threshold; the peak, which is what a host must have, is unchanged.
+faults per step there; steps about 4% faster). Freed memory then stays with the process up
+to the trim threshold, and the peak can rise a little with the heap's fragmentation (the
+data_scale benchmark at 2 processes: 0.70 -> 0.74 GB).
 """
 
 from __future__ import annotations
