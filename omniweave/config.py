@@ -80,7 +80,7 @@ class ParallelConfig:
     # FSDP: free each unit's gathered weights after its forward (false: keep them for the
     # backward, one all-gather per unit and step fewer, the whole model's weights held meanwhile)
     reshard_after_forward: bool = True
-    timeout_s: float = _opt(600.0, gt=0)  # a collective waiting longer is an error
+    timeout_s: float = _opt(600.0, gt=0)  # a collective (or the data workers) waiting longer
 
 
 @dataclass

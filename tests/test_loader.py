@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from omniweave.data.loader import SampleMaker, StepBatches, load_samples, prefetched
+from omniweave.data.loader import (
+    DataTimeout,
+    SampleMaker,
+    StepBatches,
+    load_samples,
+    prefetched,
+)
 from omniweave.data.order import SampleOrder
 from omniweave.data.processors import load_tokenizer
 from omniweave.data.sources import index_sources
@@ -115,3 +123,23 @@ def test_a_bad_record_in_a_worker_is_one_line(corpus, tmp_path):
     skipping = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), skip_bad=True)
     skipped = [reason for data in prefetched(skipping, 0, 8, 1, 2) for reason in data.skipped]
     assert skipped == [f"{bad}, line 6: 'text' must be a string, got int"]
+
+
+class _Hung(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, step):
+        time.sleep(60)  # a worker that never delivers
+
+
+def test_hung_data_workers_are_a_one_line_error_not_a_hang():
+    started = time.monotonic()
+    with pytest.raises(DataTimeout) as raised:
+        next(prefetched(_Hung(), 0, 4, workers=1, prefetch=1, timeout_s=1.0))
+    assert time.monotonic() - started < 30
+    assert str(raised.value) == (
+        "the data workers delivered no batch for step 1 within parallel.timeout_s=1 s: a worker "
+        "is hung (or data.num_workers=0 runs the data path in the training process, where a "
+        "hang can be traced)"
+    )

@@ -241,24 +241,47 @@ class StepBatches(torch.utils.data.Dataset):
         return len(sample.input_ids)
 
 
-def prefetched(batches: StepBatches, start: int, stop: int, workers: int, prefetch: int):
+def prefetched(
+    batches: StepBatches, start: int, stop: int, workers: int, prefetch: int, timeout_s: float = 0
+):
     """``batches[step]`` for step in [start, stop), prepared by ``workers`` processes up to
-    ``prefetch`` steps ahead (in this process when ``workers`` is 0)."""
+    ``prefetch`` steps ahead (in this process when ``workers`` is 0). A step the workers have
+    not delivered after ``timeout_s`` (0: no limit) is a one-line error, not a hang."""
     if workers == 0:
         return (batches[step] for step in range(start, stop))
-    return iter(
-        torch.utils.data.DataLoader(
-            batches,
-            sampler=range(start, stop),
-            batch_size=None,
-            collate_fn=_as_is,
-            num_workers=workers,
-            prefetch_factor=math.ceil(prefetch / workers),
-            # fork: workers share the index and model parts without pickling them
-            multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
-            worker_init_fn=data_worker_init,  # own process group; dies with its rank
-        )
+    loader = torch.utils.data.DataLoader(
+        batches,
+        sampler=range(start, stop),
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=workers,
+        prefetch_factor=math.ceil(prefetch / workers),
+        # fork: workers share the index and model parts without pickling them
+        multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
+        worker_init_fn=data_worker_init,  # own process group; dies with its rank
+        timeout=timeout_s,
     )
+    return _within(iter(loader), start, stop, timeout_s)
+
+
+class DataTimeout(TimeoutError):
+    """The data workers delivered no step within the timeout."""
+
+
+def _within(steps, start: int, stop: int, timeout_s: float):
+    """``steps``, with the data loader's timeout said as the run's one-line error."""
+    for step in range(start, stop):
+        try:
+            data = next(steps)
+        except RuntimeError as error:
+            if "timed out" not in str(error):
+                raise
+            raise DataTimeout(
+                f"the data workers delivered no batch for step {step + 1} within "
+                f"parallel.timeout_s={timeout_s:g} s: a worker is hung (or data.num_workers=0 "
+                "runs the data path in the training process, where a hang can be traced)"
+            ) from None
+        yield data
 
 
 def _as_is(item):

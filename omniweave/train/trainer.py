@@ -19,7 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
 from omniweave.config import Config, save_config
-from omniweave.data.loader import build_step_batches, default_workers, prefetched
+from omniweave.data.loader import DataTimeout, build_step_batches, default_workers, prefetched
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
@@ -462,11 +462,21 @@ class Trainer:
         stop = None
         d = self.cfg.data
         workers = default_workers() if d.num_workers is None else d.num_workers
-        steps = prefetched(self.batches, self.start_step, t.max_steps, workers, d.prefetch)
+        steps = prefetched(
+            self.batches,
+            self.start_step,
+            t.max_steps,
+            workers,
+            d.prefetch,
+            self.cfg.parallel.timeout_s,
+        )
         with self.stops:
             for step in range(self.start_step, t.max_steps):
                 try:
                     stop = self._step(step, steps, bar, rows, writer)
+                except DataTimeout as error:
+                    message = f"omniweave: rank {self.state.rank}: {error}."
+                    raise TrainingStopped(message, 1, every_rank=True) from None
                 except RuntimeError as error:  # a collective of the step or its save timed out
                     timeout_s = self.cfg.parallel.timeout_s
                     stopped = timeout_stop(error, self.state.rank, timeout_s, step + 1)
