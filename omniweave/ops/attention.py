@@ -46,7 +46,7 @@ def causal_attention(
     if cu_seqlens is None:
         return _dense(query, key, value, backend, scaling, dropout, sliding_window, is_causal)
     assert query.shape[0] == 1, "packed rows have batch size 1"
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = cu_seqlens.diff().tolist()
     # split, not slices: its backward is one concatenation, where each slice's would be a
     # zero-filled row-sized gradient per segment
     segments = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "omniweave", "peak_flops.json")
@@ -49,6 +50,41 @@ def device_peak_flops(device: torch.device, local_world_size: int, refresh: bool
 def implausible_mfu(mfu: float) -> bool:
     """An MFU above 1.0 means the peak figure is too low: measure it again (``refresh``)."""
     return mfu > 1.0
+
+
+class Utilisation:
+    """Model FLOPs utilisation of steps over ``world_size`` devices. The peak per device is
+    ``configured`` (``train.peak_flops``), else measured by rank 0 (cached) while the others
+    wait, so they don't compete for cores; a measured peak a step exceeds is measured again,
+    once (the cached figure was taken on a busy machine)."""
+
+    def __init__(self, configured: float | None, device: torch.device, world_size: int):
+        self.configured, self.device, self.world_size = configured, device, world_size
+        self.peak = configured or self._measured()
+        self.remeasured = False
+
+    def _measured(self, refresh: bool = False) -> float:
+        peak = torch.zeros((), dtype=torch.float64, device=self.device)
+        if dist.get_rank() == 0:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            peak.fill_(device_peak_flops(self.device, local_world, refresh))
+        dist.broadcast(peak, src=0)
+        return float(peak)
+
+    def __call__(self, flops: float, seconds: float) -> float:
+        """The MFU of a step of ``flops`` that took ``seconds``."""
+        mfu = flops / seconds / (self.peak * self.world_size)
+        if implausible_mfu(mfu) and not (self.configured or self.remeasured):
+            self.peak, self.remeasured = self._measured(refresh=True), True
+            mfu = flops / seconds / (self.peak * self.world_size)
+        return mfu
+
+
+def max_over_ranks(device: torch.device, *values: float) -> list[float]:
+    """Each value's largest over all ranks (peak memory, step time)."""
+    peak = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.tolist()
 
 
 def measure_peak_flops(device: torch.device, refresh: bool = False) -> float:

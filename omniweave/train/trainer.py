@@ -55,9 +55,9 @@ from omniweave.train.export import export_live
 from omniweave.train.host_memory import keep_freed_host_memory
 from omniweave.train.metrics import (
     MetricsWriter,
-    device_peak_flops,
+    Utilisation,
     flops_per_token,
-    implausible_mfu,
+    max_over_ranks,
     peak_memory_gb,
 )
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -184,8 +184,7 @@ class Trainer:
         )
         group = self.state.dp_mesh.get_group()
         self.sample_log = SampleLog(t.output_dir, group, self.state.device, self.is_main)
-        self.peak_flops = t.peak_flops or self._measured_peak_flops()
-        self.peak_remeasured = False
+        self.mfu = Utilisation(t.peak_flops, self.state.device, self.state.world_size)
         self.tokens_seen, self.start_step = 0, 0
         self.stops = StopConditions(t.max_bad_steps, self.state.device)
         self.checkpointer = None
@@ -550,7 +549,8 @@ class Trainer:
         )
         evals = eval_losses(self, self.eval_set) if evaluating else {}
         if (step + 1) % t.log_every == 0 or last or evaluating:
-            peak_mem, slowest = self._max_over_ranks(peak_memory_gb(self.state.device), elapsed)
+            memory = peak_memory_gb(self.state.device)
+            peak_mem, slowest = max_over_ranks(self.state.device, memory, elapsed)
             row = {
                 "step": step + 1,
                 "loss": result["loss"],
@@ -558,7 +558,7 @@ class Trainer:
                 "lr": result["lr"],
                 "tokens": self.tokens_seen,
                 "tokens_per_s": tokens_per_s,
-                "mfu": self._mfu(result["flops"], slowest),
+                "mfu": self.mfu(result["flops"], slowest),
                 "peak_mem_gb": peak_mem,
                 "non_padding": result["non_padding"],
                 "data_wait_s": data_wait,
@@ -582,30 +582,6 @@ class Trainer:
             code, why = stop
             return TrainingStopped(f"{why} Checkpoint of step {step + 1}: {saved}", code)
         return None
-
-    def _measured_peak_flops(self, refresh: bool = False) -> float:
-        """Rank 0 measures (cached) while the others wait, so they don't compete for cores."""
-        peak = torch.zeros((), dtype=torch.float64, device=self.state.device)
-        if self.is_main:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            peak.fill_(device_peak_flops(self.state.device, local_world, refresh))
-        dist.broadcast(peak, src=0)
-        return float(peak)
-
-    def _mfu(self, flops: float, seconds: float) -> float:
-        """Model FLOPs utilisation of a step; a measured peak it exceeds is measured again,
-        once (the cached figure was taken on a busy machine)."""
-        mfu = flops / seconds / (self.peak_flops * self.state.world_size)
-        if implausible_mfu(mfu) and not (self.cfg.train.peak_flops or self.peak_remeasured):
-            self.peak_flops, self.peak_remeasured = self._measured_peak_flops(refresh=True), True
-            mfu = flops / seconds / (self.peak_flops * self.state.world_size)
-        return mfu
-
-    def _max_over_ranks(self, *values: float) -> list[float]:
-        """Each value's largest over all ranks (peak memory, step time)."""
-        peak = torch.tensor(values, dtype=torch.float64, device=self.state.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        return peak.tolist()
 
 
 def quiet_this_rank() -> None:
