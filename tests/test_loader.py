@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +126,47 @@ def test_a_bad_record_in_a_worker_is_one_line(corpus, tmp_path):
     skipping = _batches({**corpus, "train_path": str(bad)}, tmp_path, (1, 0), skip_bad=True)
     skipped = [reason for data in prefetched(skipping, 0, 8, 1, 2) for reason in data.skipped]
     assert skipped == [f"{bad}, line 6: 'text' must be a string, got int"]
+
+
+class _ParentOfWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, step):
+        return os.getppid()
+
+
+def test_data_workers_are_not_forks_of_the_training_process():
+    """A fork of a rank taken while one of its gloo threads holds Python's thread-list lock
+    hangs in the child, so workers come from a single-threaded fork server instead."""
+    parents = list(prefetched(_ParentOfWorker(), 0, 2, workers=1, prefetch=1))
+    assert len(parents) == 2 and os.getpid() not in parents
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from omniweave.data.loader import prefetched
+from tests.test_loader import _ParentOfWorker
+
+with open(sys.argv[1], "a") as runs:
+    runs.write("ran\\n")
+print(list(prefetched(_ParentOfWorker(), 0, 2, workers=1, prefetch=1)))
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_not_again_in_its_workers(tmp_path):
+    script, runs = tmp_path / "train.py", tmp_path / "runs.txt"
+    script.write_text(UNGUARDED_SCRIPT)
+    root = str(Path(__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, str(script), str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert done.returncode == 0, done.stderr
+    assert runs.read_text() == "ran\n"
 
 
 class _Hung(torch.utils.data.Dataset):

@@ -13,6 +13,11 @@ import time
 from tests.test_faults import _config, _worker
 
 LAUNCH = [sys.executable, "-m", "omniweave.cli", "train"]
+MARK = "OMNIWEAVE_TEST_CONFIG"  # in the environment of every process a test run starts
+
+
+def _marked(config: str) -> dict:
+    return {**os.environ, MARK: config}
 
 
 def _start(config: str, *extra: str) -> subprocess.Popen:
@@ -23,6 +28,7 @@ def _start(config: str, *extra: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env=_marked(config),
     )
 
 
@@ -34,17 +40,18 @@ def _wait_for_rows(job: subprocess.Popen, metrics, rows: int) -> None:
 
 
 def _processes_of(config: str) -> list[int]:
-    """Live processes (not zombies) whose command line names ``config``."""
+    """Live processes (not zombies) of the run of ``config``: ranks, data workers, their
+    fork server (the environment names it)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environment = f.read().split(b"\0")
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if config.encode() in args and state != "Z":
+        if f"{MARK}={config}".encode() in environment and state != "Z":
             found.append(int(pid))
     return found
 
@@ -66,7 +73,9 @@ def test_killing_a_plain_torchrun_stops_its_workers(tmp_path, corpus):
     config = _config(tmp_path, corpus, "run")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "omniweave.cli", "train", config, "--train.max_steps=100000"]
-    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_marked(config)
+    )
     _wait_for_rows(job, tmp_path / "run" / "metrics.jsonl", 12)
     job.kill()  # torchrun alone: its workers run in sessions of their own
     job.wait()

@@ -10,9 +10,13 @@ nothing but k, on any number of data-parallel ranks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import multiprocessing as mp
+import multiprocessing.forkserver as forkserver
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -256,12 +260,44 @@ def prefetched(
         collate_fn=_as_is,
         num_workers=workers,
         prefetch_factor=math.ceil(prefetch / workers),
-        # fork: workers share the index and model parts without pickling them
-        multiprocessing_context="fork" if "fork" in mp.get_all_start_methods() else None,
-        worker_init_fn=data_worker_init,  # own process group; dies with its rank
+        multiprocessing_context=worker_context(),
+        worker_init_fn=functools.partial(data_worker_init, os.getpid()),  # dies with the rank
         timeout=timeout_s,
     )
-    return _within(iter(loader), start, stop, timeout_s)
+    with _main_module_hidden():  # the workers start here
+        steps = iter(loader)
+    return _within(steps, start, stop, timeout_s)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Workers need nothing of ``__main__``. Unseen, it is not run again in each of them (as
+    a worker that is not a fork would), so a script that trains at import time, with no
+    ``if __name__ == "__main__":``, does not train again in its workers."""
+    main = sys.modules["__main__"]
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in vars(main)}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+
+
+def worker_context(*preload: str):
+    """Data workers start from a fork server where there is one, not as forks of the rank.
+    A rank has threads of its own (gloo's take and drop Python thread states), and a fork
+    taken while one of them holds the interpreter's thread-list lock leaves the child waiting
+    for that lock forever (CPython gh-112275: the child takes it before resetting it; seen
+    with 3.11.7). The server is a fresh single-threaded process that imports this module and
+    the modules ``preload`` once. It starts at the first call, so a call before the model is
+    built overlaps those imports (later calls' ``preload`` is moot)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return None  # spawn (macOS, Windows): also a fresh interpreter
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__, *preload])
+    forkserver.ensure_running()
+    return context
 
 
 class DataTimeout(TimeoutError):

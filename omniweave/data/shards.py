@@ -78,7 +78,7 @@ class Shard:
         return f"line {newlines + 1}"
 
     def _open(self):
-        """This process's handle (a forked worker opens its own)."""
+        """This process's handle (each worker opens its own)."""
         if self._pid != os.getpid():
             if self.kind in ("parquet", "datasets"):
                 self._handle = _open_table(self.path, self.kind)

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -102,13 +103,29 @@ def parent_death_signal(*_) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def data_worker_init(*_) -> None:
+def data_worker_init(rank_pid: int, *_) -> None:
     """A data-loading worker leaves its rank's process group, so a signal for the group
     (torchrun's SIGTERM on shutdown) is the rank's to act on (finish the step, save); the
     worker dies with its rank instead. Signals sent to the worker itself (the DataLoader's
-    own shutdown) still reach it."""
+    own shutdown) still reach it. The worker is a child of a fork server, not of its rank
+    (``loader.worker_context``), so it watches the rank ``rank_pid``."""
     os.setpgid(0, 0)
-    parent_death_signal()
+    parent_death_signal()  # the fork server
+    _die_after(lambda: _wait_for_exit(rank_pid))
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Return once process ``pid`` has ended: on Linux as soon as it exits (unreaped, a
+    zombie, counts as ended), elsewhere once it is gone."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # no pidfd: not Linux, or before 5.3
+        while _alive(pid):
+            time.sleep(1.0)
+        return
+    select.select([handle], [], [])
 
 
 def die_with_parent() -> None:
@@ -117,9 +134,18 @@ def die_with_parent() -> None:
     parent = os.getppid()
     parent_death_signal()
 
-    def watch() -> None:
+    def parent_gone() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+
+    _die_after(parent_gone)
+
+
+def _die_after(wait) -> None:
+    """SIGKILL this process once ``wait()`` returns, waited for in a thread."""
+
+    def watch() -> None:
+        wait()
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="omniweave-parent-watch", daemon=True).start()

@@ -19,7 +19,13 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
 
 from omniweave.config import Config, save_config
-from omniweave.data.loader import DataTimeout, build_step_batches, default_workers, prefetched
+from omniweave.data.loader import (
+    DataTimeout,
+    build_step_batches,
+    default_workers,
+    prefetched,
+    worker_context,
+)
 from omniweave.data.packing import MicroBatch
 from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
@@ -72,6 +78,11 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         degrees, hf_config, self.tokenizer = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        workers = cfg.data.num_workers
+        self.data_workers = default_workers() if workers is None else workers
+        if self.data_workers:
+            # their server imports what unpickling the data path needs while the model is built
+            worker_context(type(self.tokenizer).__module__)
         init_process_group(cfg.parallel.timeout_s)
         self.state = ParallelState(degrees, device_for_rank(int(os.environ.get("LOCAL_RANK", "0"))))
         self.is_main = self.state.rank == 0
@@ -459,14 +470,12 @@ class Trainer:
         )
         rows = []
         stop = None
-        d = self.cfg.data
-        workers = default_workers() if d.num_workers is None else d.num_workers
         steps = prefetched(
             self.batches,
             self.start_step,
             t.max_steps,
-            workers,
-            d.prefetch,
+            self.data_workers,
+            self.cfg.data.prefetch,
             self.cfg.parallel.timeout_s,
         )
         with self.stops:
