@@ -97,7 +97,7 @@ def _alive(pid: int) -> bool:
 # Workers die with their launcher.
 
 
-def parent_death_signal(*_) -> None:
+def parent_death_signal() -> None:
     """Have Linux SIGKILL this process when its parent dies (elsewhere: nothing)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -108,9 +108,9 @@ def data_worker_init(rank_pid: int, *_) -> None:
     (torchrun's SIGTERM on shutdown) is the rank's to act on (finish the step, save); the
     worker dies with its rank instead. Signals sent to the worker itself (the DataLoader's
     own shutdown) still reach it. The worker is a child of a fork server, not of its rank
-    (``loader.worker_context``), so it watches the rank ``rank_pid``."""
+    (``loader.worker_context``), so it watches the rank ``rank_pid``. The server is in the
+    rank's group and ends on its SIGTERM; the worker then finishes the step it prepares."""
     os.setpgid(0, 0)
-    parent_death_signal()  # the fork server
     _die_after(lambda: _wait_for_exit(rank_pid))
 
 
