@@ -349,3 +349,22 @@ def test_ddp_and_fsdp_checkpoints_reshard(corpus, tmp_path):
     """A pure-replica (DDP) checkpoint resumes under FSDP and the reverse."""
     layouts = ({"parallel.dp_replicate": 2, "parallel.dp_shard": 1}, {"parallel.dp_shard": 2})
     assert_checkpoints_reshard(layouts, corpus, tmp_path, 2)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_ddp_skips_the_unused_parameter_search_only_where_every_parameter_is_used(family):
+    """DDP skips its per-step search for unused parameters on plain language models, whose
+    every parameter gets a gradient from any step (here: one token), and keeps it for MoE
+    and omni models, which can leave experts or encoders out of a step."""
+    from transformers import AutoConfig
+
+    from omniweave.distributed.ddp import may_leave_parameters_unused
+
+    model = hf_model(family)
+    model(input_ids=torch.tensor([[3]]), labels=torch.tensor([[3]])).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert not may_leave_parameters_unused(model.config, omni=False)
+    assert may_leave_parameters_unused(model.config, omni=True)
+    assert may_leave_parameters_unused(hf_model("qwen3_moe").config, omni=False)
+    vision_language = AutoConfig.for_model("qwen2_vl")  # towers idle in a text-only step
+    assert may_leave_parameters_unused(vision_language, omni=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed._composable.replicate import replicate
+from transformers import PretrainedConfig
 
 from omniweave.distributed.parallel_state import ParallelState
 
@@ -22,13 +23,22 @@ def uses_ddp(state: ParallelState, dtype: str, cpu_offload: bool) -> bool:
     return d.dp_replicate > 1 and whole and dtype == "float32" and not cpu_offload
 
 
-def apply_ddp(model: nn.Module, state: ParallelState) -> None:
+def may_leave_parameters_unused(config: PretrainedConfig, omni: bool) -> bool:
+    """Whether a step can leave a trainable parameter without a gradient: an OmniModel's
+    or a native multimodal model's encoder without media, an MoE expert without tokens.
+    A plain language model uses every parameter in every step."""
+    text = config.get_text_config()
+    return omni or text is not config or hasattr(text, "router_aux_loss_coef")
+
+
+def apply_ddp(model: nn.Module, state: ParallelState, unused_parameters: bool) -> None:
     """Average ``model``'s gradients over the data-parallel ranks after each backward
-    (skipped while ``set_requires_gradient_sync(False)`` accumulates). Parameters a step
-    leaves unused (an encoder without media, an expert without tokens) are allowed."""
+    (skipped while ``set_requires_gradient_sync(False)`` accumulates). With
+    ``unused_parameters``, DDP walks each step's autograd graph for parameters the step
+    left unused; without, it skips that walk (3-4% of a step at 2 processes on CPU)."""
     replicate(
         model,
         device_id=state.device,
         process_group=state.dp_mesh.get_group(),
-        find_unused_parameters=True,
+        find_unused_parameters=unused_parameters,
     )

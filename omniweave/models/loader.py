@@ -20,7 +20,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoConfig, PretrainedConfig
 
 from omniweave.distributed.activations import apply_activation_checkpointing
-from omniweave.distributed.ddp import apply_ddp, uses_ddp
+from omniweave.distributed.ddp import apply_ddp, may_leave_parameters_unused, uses_ddp
 from omniweave.distributed.expert import apply_expert_parallel
 from omniweave.distributed.fsdp import apply_fsdp, needs_fsdp
 from omniweave.distributed.parallel_state import ParallelState
@@ -136,7 +136,7 @@ def build_model(
     if lora:
         init_adapters(foundation, seed)
     if ddp:  # on the filled weights (DDP checks that the replicas agree)
-        apply_ddp(model, state)
+        apply_ddp(model, state, may_leave_parameters_unused(config, bool(omni)))
     model.train()
     return model
 

@@ -3,6 +3,8 @@ inference in a single process), gathered from whatever layout it was trained on.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 from safetensors.torch import load_file, save_file
@@ -19,9 +21,23 @@ def gather_full_state(model: nn.Module) -> dict:
     named as in the plain model (LoRA adapters merged into their weights). Collective:
     every rank calls it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    with _quiet_redistribution():
+        state = get_model_state_dict(model, options=options)
     scaling = adapter_scaling(model)
     return state if scaling is None else merge_adapters(state, scaling)
+
+
+@contextlib.contextmanager
+def _quiet_redistribution():
+    """DTensor warns that a weight sharded over two mesh dims (FSDP over EP) takes two
+    all-gathers to make whole: expected for a one-off gather, so not shown to the user."""
+    logger = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_full_weights(model: nn.Module, folder: str, is_main: bool) -> str:
