@@ -17,7 +17,7 @@ $(VENV)/.done: pyproject.toml
 $(VENV): $(VENV)/.done
 
 test: $(VENV)
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q --durations=15
 
 # The omni demo: build the data, its BPE and VQ tokenizers, train with FSDP,
 # SP and EP in 2 processes, then score held-out samples (runs/omni_demo/eval.json).

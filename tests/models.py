@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Tests whose subject is not the data workers read their data in the training process: a
+# worker's fork server costs about 3 s of CPU per rank on 2 cores. The workers' own tests
+# (loader, streaming sources, faults, supervision, omni media) keep the default.
+IN_PROCESS_DATA = {"data.num_workers": 0}
+
 TINY = {
     "qwen2": dict(
         model_type="qwen2",
@@ -150,6 +155,7 @@ def tiny_run_args(corpus: dict, family: str, out: str, **settings) -> list[str]:
         "train.micro_batch_size": 2,
         "train.lr": 1e-2,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "log.progress": False,
         "log.tensorboard": False,
         "log.plot": False,

@@ -11,7 +11,7 @@ import pytest
 from omniweave.config import load_config
 from omniweave.train.checkpoint import resolve_resume
 from tests.distributed import run_distributed
-from tests.models import TINY
+from tests.models import IN_PROCESS_DATA, TINY
 
 STEPS, SAVED = 10, 5
 
@@ -37,6 +37,7 @@ def _args(corpus: dict, out: str, model: str, **settings) -> list[str]:
         "train.warmup_steps": 2,
         "train.log_every": 1,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "checkpoint.every_steps": SAVED,
         "log.progress": False,
         "log.tensorboard": False,

@@ -10,7 +10,7 @@ import torch
 
 from omniweave.config import load_config
 from tests.distributed import run_distributed
-from tests.models import TINY
+from tests.models import IN_PROCESS_DATA, TINY
 
 STEPS = 3
 
@@ -37,6 +37,7 @@ def _args(corpus: dict, out: str, **settings) -> list[str]:
         "train.eval_max_samples": 37,  # not a multiple of the ranks or micro-batches
         "train.log_every": 2,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "log.progress": False,
         "log.tensorboard": False,
         "log.plot": False,

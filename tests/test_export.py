@@ -16,7 +16,7 @@ from omniweave.cli import main
 from omniweave.models.weights import load_full_weights
 from omniweave.train.export import import_hf, load_omni, read_model_state, write_hf
 from tests.distributed import run_distributed
-from tests.models import TINY, hf_model
+from tests.models import IN_PROCESS_DATA, TINY, hf_model
 
 STEPS = 3
 
@@ -55,6 +55,7 @@ def test_trained_checkpoint_exported_to_hf_gives_the_trained_logits(
         "train.global_batch_size": 4,
         "train.lr": 1e-2,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "train.save_final": True,
         "train.export_hf_at_end": True,
         "checkpoint.every_steps": STEPS,

@@ -63,7 +63,7 @@ def test_a_run_its_checkpoint_and_its_hf_export_generate_alike(corpus, tmp_path)
 
     config = {
         "model": {"config": TINY["qwen2"]},
-        "data": {**corpus, "max_seq_len": 64},
+        "data": {**corpus, "max_seq_len": 64, "num_workers": 0},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "global_batch_size": 4,
                   "lr": 3e-3, "peak_flops": 1e12},
         "checkpoint": {"every_steps": 4},
@@ -101,7 +101,8 @@ def test_an_omni_model_answers_from_the_image(corpus, tmp_path):
         "model": {"config": {**TINY["qwen2"], "vocab_size": 513},
                   "omni": {"encoders": {"image": encoder}}},
         "data": {"train_path": str(tmp_path / "train.jsonl"),
-                 "tokenizer_path": corpus["tokenizer_path"], "max_seq_len": 32},
+                 "tokenizer_path": corpus["tokenizer_path"], "max_seq_len": 32,
+                 "num_workers": 0},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 60, "global_batch_size": 8,
                   "micro_batch_size": 8, "lr": 3e-3, "peak_flops": 1e12, "save_final": True},
         "log": {"progress": False, "tensorboard": False, "plot": False},

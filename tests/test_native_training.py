@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import run_distributed
+from tests.models import IN_PROCESS_DATA
 
 STEPS, GLOBAL_BATCH, LR = 3, 4, 1e-3
 FIRST_SPECIAL = 512  # the models' media tokens come after the corpus BPE's 512 ids
@@ -193,6 +194,7 @@ def _train(data: dict, layouts: dict[str, list[str]]) -> dict[str, list[tuple[fl
             "train.lr_schedule": "constant",
             "train.weight_decay": 0.0,
             "train.peak_flops": 1e12,
+            **IN_PROCESS_DATA,
             "checkpoint.every_steps": 0,
             "log.progress": False,
             "log.tensorboard": False,

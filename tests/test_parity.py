@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omniweave.data.processors import load_tokenizer, tokenize_record
 from omniweave.data.sources import read_records
 from tests.distributed import run_distributed
-from tests.models import TINY, hf_model
+from tests.models import IN_PROCESS_DATA, TINY, hf_model
 
 STEPS, GLOBAL_BATCH, LR, WARMUP, MAX_LEN = 5, 8, 1e-3, 2, 128
 
@@ -103,6 +103,7 @@ def _overrides(model_path: str, corpus: dict, out: str, **extra) -> list[str]:
         "train.warmup_steps": WARMUP,
         "train.lr_schedule": "cosine",
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "log.progress": False,
         "log.tensorboard": False,
         "log.plot": False,
@@ -305,6 +306,7 @@ def resume_args(corpus: dict, out: str, **settings) -> list[str]:
         "train.micro_batch_size": 2,
         "train.lr": 3e-3,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "checkpoint.every_steps": 3,
         "log.progress": False,
         "log.tensorboard": False,

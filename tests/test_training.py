@@ -9,7 +9,7 @@ import pytest
 
 from omniweave.config import load_config
 from tests.distributed import run_distributed
-from tests.models import TINY, hf_model
+from tests.models import IN_PROCESS_DATA, TINY, hf_model
 
 KEYS = {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu", "peak_mem_gb"}
 
@@ -34,6 +34,7 @@ def _args(corpus: dict, out: str, **settings) -> list[str]:
         "train.micro_batch_size": 2,
         "train.lr": 1e-3,
         "train.peak_flops": 1e12,
+        **IN_PROCESS_DATA,
         "log.progress": False,
         "log.tensorboard": False,
         "log.plot": False,
