@@ -35,25 +35,11 @@ from omniweave.distributed.parallel_state import (
     device_for_rank,
     init_process_group,
 )
-from omniweave.distributed.pipeline import Pipeline
 from omniweave.distributed.ring import balanced_slice, ring_inputs
 from omniweave.distributed.tensor_parallel import sum_gradients, token_local_parameters
-from omniweave.distributed.ulysses import (
-    apply_sequence_attention,
-    split_sequence_inputs,
-)
-from omniweave.models.loader import build_model
-from omniweave.models.lora import LoraSettings
-from omniweave.models.native import NativeInputs, native_parts, preprocessor_config
-from omniweave.models.omni.model import (
-    OmniParts,
-    build_decoders,
-    build_encoders,
-    import_plugins,
-)
+from omniweave.models.native import preprocessor_config
 from omniweave.models.registry import model_from_config
 from omniweave.models.weights import save_full_weights
-from omniweave.ops.cross_entropy import install_loss_head
 from omniweave.train.checkpoint import Checkpointer, choose_checkpoint, set_aside
 from omniweave.train.checks import validate
 from omniweave.train.control import StopConditions, TrainingStopped, timeout_stop
@@ -66,6 +52,7 @@ from omniweave.train.metrics import (
     max_over_ranks,
     peak_memory_gb,
 )
+from omniweave.train.model_setup import build_training_model
 from omniweave.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from omniweave.train.router import RouterLoss, is_moe
 from omniweave.train.sample_log import SampleLog
@@ -91,81 +78,12 @@ class Trainer:
         if not (self.is_main or cfg.log.all_ranks):
             quiet_this_rank()
         seed_everything(cfg.train.seed)
-        omni = cfg.model.omni
-        self.omni_parts = native_parts(hf_config, cfg.model.path, cfg.model.processor)
-        if omni:
-            import_plugins(omni)
-            text_config = hf_config.get_text_config()
-            with torch.device("meta"):  # encoders: only token counts and file formats needed
-                encoders = build_encoders(text_config.hidden_size, omni["encoders"])
-            decoders = build_decoders(
-                text_config.hidden_size, text_config.vocab_size, omni.get("decoders", {})
-            )
-            shared = sorted(set(decoders) & set(encoders[0]))
-            if shared:
-                raise ValueError(
-                    f"model.omni: {shared} name both an encoder and a decoder; their <markers> "
-                    "must differ (e.g. 'image' in, 'draw' out)."
-                )
-            self.omni_parts = OmniParts(*encoders, decoders)
-        self.output_ranges = {
-            modality: decoder.token_range
-            for modality, decoder in (self.omni_parts.decoders if omni else {}).items()
-        }
-        t, d = cfg.train, cfg.data
-        self.lora = LoraSettings.from_config(cfg.model.lora) if cfg.model.lora else None
-        self.model = build_model(
-            hf_config,
-            self.state,
-            cfg.model.path,
-            t.seed,
-            cfg.model.dtype,
-            cfg.parallel.cpu_offload,
-            cfg.parallel.grouped_experts,
-            omni,
-            (t.activation_checkpointing, t.activation_checkpointing_every),
-            ep_chunks=cfg.parallel.ep_chunks,
-            kernels=(t.kernels, t.compile),
-            lora=self.lora,
-            pp_virtual_stages=cfg.parallel.pp_virtual_stages,
-            reshard_after_forward=cfg.parallel.reshard_after_forward,
-        )
-        self.foundation = self.model.foundation if omni else self.model
-        self.native = None  # a native multimodal model's media inputs and M-RoPE positions
-        if self.omni_parts and not omni:
-            self.native = NativeInputs(self.model, self.omni_parts)
-        self.loss_head = None  # chunked: the LM head returns per-token losses
-        if t.cross_entropy == "chunked":
-            head = self.foundation.get_output_embeddings()
-            self.loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
-        if degrees.sequence > 1 or degrees.tp > 1 or d.packing:  # tp: masks of local length
-            apply_sequence_attention(
-                self.model,
-                cfg.model.attn_implementation,
-                self.state.sp_group,
-                cfg.parallel.async_ulysses,
-                self.state.cp_group,
-            )
-        if self.omni_parts and degrees.sp > 1:  # embeddings are built whole; the stack gets a slice
-            stack = self.model.model.language_model if self.native else self.foundation.model
-            split_sequence_inputs(stack, self.state.sp_group)
-        self.pipeline = None
-        if degrees.pp > 1:
-            p = cfg.parallel
-            self.pipeline = Pipeline(
-                self.model,
-                self.state.pp_rank,
-                degrees.pp,
-                p.pp_virtual_stages,
-                self.state.pp_group,
-                p.pp_schedule,
-                self.state.device,
-                local=self._local,
-                sequence_split=(degrees.sequence, degrees.tp),
-                ring=self._ring_inputs,
-                output_ranges=self.output_ranges,
-            )
+        built = build_training_model(cfg, hf_config, self.state, self._local, self._ring_inputs)
+        self.model, self.foundation, self.pipeline = built.model, built.foundation, built.pipeline
+        self.omni_parts, self.output_ranges = built.omni_parts, built.output_ranges
+        self.native, self.loss_head, self.lora = built.native, built.loss_head, built.lora
         self.hf_config = hf_config
+        t, d = cfg.train, cfg.data
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
         self.router_loss = (
             RouterLoss(self.foundation, self.state.token_mesh.get_group())
