@@ -87,6 +87,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, corpus):
     output, _ = job.communicate(timeout=600)
     assert job.returncode == 0, output
     assert "resumed from" in output and "step_00000005" in output, output
+    assert "leaked" not in output, output  # the resource tracker's warning after the kill
     assert _losses(str(tmp_path / "killed")) == _losses(str(tmp_path / "straight"))
     kept = sorted(os.listdir(tmp_path / "killed" / "checkpoints"))
     assert kept == ["latest", "step_00000025", "step_00000030"]  # checkpoint.keep_last: 2

@@ -294,10 +294,23 @@ def worker_context(*preload: str):
     built overlaps those imports (later calls' ``preload`` is moot)."""
     if "forkserver" not in mp.get_all_start_methods():
         return None  # spawn (macOS, Windows): also a fresh interpreter
+    _quiet_resource_tracker()
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__, *preload])
     forkserver.ensure_running()
     return context
+
+
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """The loader's queues register their semaphores with multiprocessing's resource tracker,
+    a child of the rank started with the rank's ``-W`` options. When a rank is killed, the
+    tracker frees them and warns of "leaked semaphore objects": expected after a kill, and
+    noise beside the run's own one-line error, so the tracker starts with that warning off."""
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
 
 
 class DataTimeout(TimeoutError):
