@@ -292,9 +292,9 @@ def worker_context(*preload: str):
     with 3.11.7). The server is a fresh single-threaded process that imports this module and
     the modules ``preload`` once. It starts at the first call, so a call before the model is
     built overlaps those imports (later calls' ``preload`` is moot)."""
+    _quiet_resource_tracker()  # spawn uses the tracker too
     if "forkserver" not in mp.get_all_start_methods():
         return None  # spawn (macOS, Windows): also a fresh interpreter
-    _quiet_resource_tracker()
     context = mp.get_context("forkserver")
     context.set_forkserver_preload([__name__, *preload])
     forkserver.ensure_running()
