@@ -119,7 +119,7 @@ class TrainConfig:
     # own token mean), so short answers (a spoken digit) weigh as much as long ones (an image).
     loss_average: str = _opt("tokens", choices=("tokens", "samples"))
     kernels: str = _opt("torch", choices=("torch", "liger"))  # liger: fused ops on a CUDA GPU
-    compile: bool = False  # torch.compile each decoder block
+    compile: bool = False  # torch.compile each decoder block and the loss
     export_hf_at_end: bool = False  # `omniweave export --format hf` of the end state, in hf/
     max_bad_steps: int = _opt(10, ge=0)  # NaN/Inf steps in a row that stop the run; 0 = never
 

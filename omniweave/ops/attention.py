@@ -3,8 +3,9 @@
 Inputs are ``[batch, heads, tokens, head_dim]``; key/value may have fewer heads
 (grouped-query attention). With ``cu_seqlens`` (one packed row) every segment
 attends only to itself: ``flash_attention_2`` runs its varlen kernel, while
-``sdpa`` and ``eager`` loop over segments, so no ``[T, T]`` mask is ever built and
-no cross-sample block is ever computed.
+``sdpa`` and ``eager`` loop over segments (on CPU, ``sdpa``'s loop is one operator,
+``ops/packed_attention.py``), so no ``[T, T]`` mask is ever built and no cross-sample
+block is ever computed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from omniweave.ops.packed_attention import packed_causal_attention, serves
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
@@ -41,6 +44,13 @@ def causal_attention(
 ) -> torch.Tensor:
     """Attention output ``[batch, heads, tokens, head_dim]``; segments of ``cu_seqlens``
     (boundaries over the tokens of a batch-1 row) never see each other."""
+    if (
+        backend == "sdpa"
+        and cu_seqlens is not None
+        and serves(query, dropout, sliding_window, is_causal)
+    ):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return packed_causal_attention(query, key, value, cu_seqlens, scale)[0]
     if backend == "flash_attention_2":
         return _flash(query, key, value, scaling, dropout, cu_seqlens, sliding_window, is_causal)
     if cu_seqlens is None:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 
+from omniweave.data.processors import IGNORE_INDEX
+
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -84,6 +86,13 @@ def chunked_cross_entropy(
         hidden = hidden.to_local(grad_placements=[Partial()])
     group = mesh.get_group()
     return _ChunkedCrossEntropy.apply(hidden, local, targets, chunk, ignore_index, group, offset)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token losses (fp32, 0 at ``IGNORE_INDEX``) of logits ``[rows, tokens, vocab]``
+    against flat ``targets``: the trainer's loss when the LM head returns logits."""
+    flat = logits.float().flatten(0, 1)
+    return F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def naive_cross_entropy(hidden, weight, targets, ignore_index: int = -100) -> torch.Tensor:

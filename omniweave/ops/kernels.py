@@ -4,7 +4,8 @@
   CUDA GPU) patched into the model instance; ``torch`` (the default) keeps the
   reference implementations. Fused cross-entropy is ``train.cross_entropy: chunked``.
 - ``train.compile: true``: each decoder block compiled with ``torch.compile`` (one graph
-  per block, before FSDP wraps it, so FSDP's collectives stay outside the graphs).
+  per block, before FSDP wraps it, so FSDP's collectives stay outside the graphs; packed
+  rows keep it one graph through ``ops/packed_attention.py``'s operator).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from omniweave.models.loader import build_model
 from omniweave.models.lora import LoraSettings
 from omniweave.models.native import NativeInputs, native_parts
 from omniweave.models.omni.model import OmniParts, build_decoders, build_encoders, import_plugins
-from omniweave.ops.cross_entropy import install_loss_head
+from omniweave.ops.cross_entropy import install_loss_head, token_cross_entropy
 
 
 @dataclass
@@ -33,6 +33,7 @@ class TrainingModel:
     output_ranges: dict[str, tuple[int, int]]  # each output modality's token ids
     native: NativeInputs | None  # a native multimodal model's media inputs and positions
     loss_head: nn.Module | None  # ``train.cross_entropy: chunked``: the head returns losses
+    token_losses: Callable  # (logits, targets) -> per-token losses, when the head gives logits
     pipeline: Pipeline | None  # ``parallel.pp > 1``: this rank's stages and schedule
     lora: LoraSettings | None
 
@@ -77,6 +78,9 @@ def build_training_model(
     if t.cross_entropy == "chunked":
         head = foundation.get_output_embeddings()
         loss_head = install_loss_head(head, t.cross_entropy_chunk, IGNORE_INDEX)
+    token_losses = token_cross_entropy
+    if t.compile and degrees.tp == 1:  # one fused kernel each way (tp: a DTensor loss)
+        token_losses = torch.compile(token_cross_entropy, dynamic=True)
     if degrees.sequence > 1 or degrees.tp > 1 or cfg.data.packing:  # tp: masks of local length
         apply_sequence_attention(
             model,
@@ -105,8 +109,9 @@ def build_training_model(
             output_ranges=output_ranges,
         )
     return TrainingModel(
-        model, foundation, omni_parts, output_ranges, native, loss_head, pipeline, lora
-    )
+        model, foundation, omni_parts, output_ranges, native, loss_head, token_losses,
+        pipeline, lora,
+    )  # fmt: skip
 
 
 def _omni_parts(omni: dict, hf_config: PretrainedConfig) -> OmniParts:

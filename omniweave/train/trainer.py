@@ -13,7 +13,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from tqdm import tqdm
@@ -27,7 +26,6 @@ from omniweave.data.loader import (
     worker_context,
 )
 from omniweave.data.packing import MicroBatch
-from omniweave.data.processors import IGNORE_INDEX
 from omniweave.distributed.activations import offload_activations
 from omniweave.distributed.fsdp import DTYPES
 from omniweave.distributed.parallel_state import (
@@ -82,6 +80,7 @@ class Trainer:
         self.model, self.foundation, self.pipeline = built.model, built.foundation, built.pipeline
         self.omni_parts, self.output_ranges = built.omni_parts, built.output_ranges
         self.native, self.loss_head, self.lora = built.native, built.loss_head, built.lora
+        self.token_losses = built.token_losses
         self.hf_config = hf_config
         t, d = cfg.train, cfg.data
         self.loss_context = loss_parallel if degrees.tp > 1 else contextlib.nullcontext
@@ -354,12 +353,7 @@ class Trainer:
             token_losses = outputs.logits.flatten()
         else:
             with self.loss_context():  # tp: logits split over the vocabulary, loss in place
-                token_losses = F.cross_entropy(
-                    outputs.logits.float().flatten(0, 1),
-                    targets,
-                    ignore_index=IGNORE_INDEX,
-                    reduction="none",
-                )
+                token_losses = self.token_losses(outputs.logits, targets)
             if isinstance(token_losses, DTensor):
                 token_losses = token_losses.to_local()
         router_logits = outputs.router_logits if self.router_loss is not None else None
