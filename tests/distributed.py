@@ -24,6 +24,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),  # one host, as torchrun sets it
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",

@@ -12,6 +12,12 @@ from torch import nn
 from torch.distributed._composable.replicate import replicate
 from transformers import PretrainedConfig
 
+from omniweave.distributed.host_average import (
+    SharedMemoryAverage,
+    average_in_shared_memory,
+    gradient_bytes,
+    shared_memory_fits,
+)
 from omniweave.distributed.parallel_state import ParallelState
 
 
@@ -35,10 +41,17 @@ def apply_ddp(model: nn.Module, state: ParallelState, unused_parameters: bool) -
     """Average ``model``'s gradients over the data-parallel ranks after each backward
     (skipped while ``set_requires_gradient_sync(False)`` accumulates). With
     ``unused_parameters``, DDP walks each step's autograd graph for parameters the step
-    left unused; without, it skips that walk (3-4% of a step at 2 processes on CPU)."""
+    left unused; without, it skips that walk (3-4% of a step at 2 processes on CPU). CPU
+    ranks on one host average through shared memory (``host_average.py``) instead of gloo."""
+    group = state.dp_mesh.get_group()
+    on_host = shared_memory_fits(model, group, state.device)
     replicate(
         model,
         device_id=state.device,
-        process_group=state.dp_mesh.get_group(),
+        process_group=group,
         find_unused_parameters=unused_parameters,
+        # through shared memory each bucket is a meeting of the ranks: one bucket, one meeting
+        bucket_cap_mb=gradient_bytes(model) / 2**20 + 1 if on_host else None,
     )
+    if on_host:
+        model.register_comm_hook(SharedMemoryAverage(group), average_in_shared_memory)
