@@ -3,8 +3,9 @@ OmniWeave with fixed micro-batches, OmniWeave under a token budget, and Hugging 
 ``Trainer`` (DDP under ``torchrun``), the same model, weights, samples and optimizer settings.
 
 - OmniWeave runs through its CLI (``omniweave train CONFIG --nproc N``, FSDP over the N
-  processes, one process = the plain model), packed rows, the records in file order
-  (``data.shuffle: false``) of a seeded shuffle of the corpus; "fixed" is
+  processes, one process = the plain model), packed rows, ``train.compile: true`` (its
+  decoder blocks and loss compiled; ``--set train.compile=false`` for eager), the records in
+  file order (``data.shuffle: false``) of a seeded shuffle of the corpus; "fixed" is
   ``train.micro_batch_size = 16 / N`` (one packed micro-batch per rank, as HF's batch),
   "budget" is ``data.max_tokens_per_microbatch: 2048``; "budget, replicas" is the same under
   ``parallel.dp_replicate: N, dp_shard: 1`` (every rank a whole replica, gradients averaged by
@@ -205,7 +206,8 @@ def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -
         },
     }[side]
     out = os.path.join(OUT, f"{side}-{nproc}")
-    settings = omniweave_settings(model, data, out, args.steps) | {"data.shuffle": False}
+    settings = omniweave_settings(model, data, out, args.steps)
+    settings |= {"data.shuffle": False, "train.compile": True}
     settings |= batching | parse_sets(args.set)
     result = run_omniweave(f"OmniWeave {side}", settings, nproc, threads)
     rows = result["rows"]
@@ -279,8 +281,9 @@ def main() -> None:
         f"cell, the sides taking turns; median of per-step tokens/s over steps "
         f"{args.warmup + 1}-{args.steps} of all its runs (in brackets: the runs' own "
         "medians, lowest-highest). OmniWeave's data.num_workers "
-        "is its default (cores left after one per rank, at least 1) unless set; OmniWeave "
-        f"settings given: {' '.join(args.set) or 'none'}.\n"
+        "is its default (cores left after one per rank, at least 1) unless set, and its "
+        "train.compile is true (HF Trainer's torch_compile stays at its default, off); "
+        f"OmniWeave settings given: {' '.join(args.set) or 'none'}.\n"
     )
     names = {
         "fixed": f"OmniWeave fixed (micro {BATCH}/N, packed)",
