@@ -7,7 +7,8 @@ opaque to ``torch.compile``, the segment loop (which needs the lengths as Python
 not break a compiled decoder block's graph.
 
 Results are laid out ``[batch, tokens, heads, dim]`` in memory and shaped ``[batch, heads,
-tokens, dim]``, so the attention output's transpose back to tokens-first is free.
+tokens, dim]``, as the kernel writes each segment's: joining them is one copy, and the
+attention output's transpose back to tokens-first is free.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def _segments(cu_seqlens: Tensor, *tensors: Tensor):
     lengths = cu_seqlens.diff().tolist()
     parts = zip(*(t.split(lengths, dim=2) for t in tensors), strict=True)
     return [part for part, length in zip(parts, lengths, strict=True) if length > 0]
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """Segments' results (``[batch, heads, length, ...]``, any strides) joined along the
+    tokens, laid out tokens-first: one copy."""
+    return torch.cat([part.transpose(1, 2) for part in parts], dim=1).transpose(1, 2)
 
 
 def _tokens_first(t: Tensor) -> Tensor:
@@ -52,7 +59,7 @@ def packed_causal_attention(
         ),
         strict=True,
     )
-    return _tokens_first(torch.cat(outputs, dim=2)), torch.cat(lse, dim=2).contiguous()
+    return _joined(outputs), torch.cat(lse, dim=2).contiguous()
 
 
 @packed_causal_attention.register_fake
@@ -74,7 +81,7 @@ def packed_causal_attention_backward(
     """Gradients of query, key and value, each segment from its saved output and lse."""
     parts = _segments(cu_seqlens, grad, query, key, value, output, lse)
     grads = zip(*(_BACKWARD(*segment, 0.0, True, scale=scale) for segment in parts), strict=True)
-    return tuple(_tokens_first(torch.cat(g, dim=2)) for g in grads)
+    return tuple(_joined(g) for g in grads)
 
 
 @packed_causal_attention_backward.register_fake
@@ -91,7 +98,7 @@ def _save(ctx, inputs, output) -> None:
 def _backward(ctx, grad, _lse_grad):
     query, key, value, output, lse, cu_seqlens = ctx.saved_tensors
     grads = packed_causal_attention_backward(
-        grad.contiguous(), query, key, value, output, lse, cu_seqlens, ctx.scale
+        _tokens_first(grad), query, key, value, output, lse, cu_seqlens, ctx.scale
     )
     return *grads, None, None
 
