@@ -18,6 +18,8 @@ from datetime import timedelta
 
 import torch
 
+from omniweave.data.loader import worker_context
+
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
     os.environ.update(
@@ -50,19 +52,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_context():
-    """Ranks fork from a server that imported torch, transformers and OmniWeave once, where
-    there is one: a spawned rank would spend seconds importing them again."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "omniweave.train.trainer"])
-    return context
-
-
 def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 300.0) -> list:
     """``fn(*args)`` on each of ``world_size`` ranks; returns the results in rank order."""
-    context = _rank_context()
+    # ranks fork from the data loader's fork server (spawn where there is none), with torch,
+    # transformers and OmniWeave imported once: a spawned rank would import them again
+    context = worker_context("transformers", "omniweave.train.trainer") or mp.get_context("spawn")
     results = context.Queue()
     port = _free_port()
     processes = [
