@@ -50,6 +50,9 @@ class DataConfig:
     max_seq_len: int = _opt(2048, ge=1)
     packing: bool = False
     max_tokens_per_microbatch: int | None = _opt(None, ge=1)  # token budget per micro-batch
+    # Rows' lengths round up to a multiple of this (padding, never a target), so GEMM shapes
+    # repeat; None: 64 for bfloat16 on CPU (oneDNN builds a kernel per new shape), else 1.
+    pad_to_multiple_of: int | None = _opt(None, ge=1)
     budget_counts: str = _opt("tokens", choices=("tokens", "labels"))  # what the budget counts
     shuffle: bool = True
     on_overlong: str = _opt("truncate", choices=("truncate", "drop", "error"))

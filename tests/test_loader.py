@@ -7,16 +7,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from omniweave.config import load_config
 from omniweave.data.loader import (
     DataTimeout,
     SampleMaker,
     StepBatches,
     load_samples,
     prefetched,
+    row_multiple,
 )
 from omniweave.data.order import SampleOrder
 from omniweave.data.processors import load_tokenizer
@@ -187,3 +190,24 @@ def test_hung_data_workers_are_a_one_line_error_not_a_hang():
         "is hung (or data.num_workers=0 runs the data path in the training process, where a "
         "hang can be traced)"
     )
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "pad", "split", "expected"),
+    [
+        ("cpu", "bfloat16", None, 1, 64),  # repeating GEMM shapes for oneDNN
+        ("cpu", "float32", None, 1, 1),
+        ("cuda", "bfloat16", None, 2, 2),
+        ("cpu", "bfloat16", 1, 2, 2),
+        ("cpu", "float32", 48, 32, 96),  # both the parallel splits and the setting
+    ],
+)
+def test_rows_round_up_to_the_splits_and_the_shape_bucket(device, dtype, pad, split, expected):
+    settings = [f"model.dtype={dtype}"] + (
+        [] if pad is None else [f"data.pad_to_multiple_of={pad}"]
+    )
+    cfg = load_config(None, settings)
+    state = SimpleNamespace(
+        device=torch.device(device), degrees=SimpleNamespace(row_multiple=split)
+    )
+    assert row_multiple(cfg, state) == expected

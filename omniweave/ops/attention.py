@@ -44,6 +44,15 @@ def causal_attention(
 ) -> torch.Tensor:
     """Attention output ``[batch, heads, tokens, head_dim]``; segments of ``cu_seqlens``
     (boundaries over the tokens of a batch-1 row) never see each other."""
+    if backend == "sdpa" and query.device.type == "cpu" and query.dtype != torch.float32:
+        # torch's CPU flash kernel runs its reduced-precision backward through many small
+        # oneDNN matmuls: in float32 it is 7x faster (measured: 8 against 57 ms per step)
+        low = query.dtype
+        query, key, value = (t.float() for t in (query, key, value))
+        out = causal_attention(
+            query, key, value, backend, scaling, dropout, cu_seqlens, sliding_window, is_causal
+        )
+        return out.to(low)
     if (
         backend == "sdpa"
         and cu_seqlens is not None

@@ -15,6 +15,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from omniweave.data.loader import row_multiple
 from omniweave.data.packing import MicroBatch, empty_batch, pack_row, pad_rows
 from omniweave.data.shards import index_shard
 from omniweave.data.sources import checked_record, source_files
@@ -33,7 +34,7 @@ def eval_batches(cfg, state, make, pad_id: int) -> list[MicroBatch]:
                 position += 1
                 if (position - 1) % dp == rank:
                     samples += _eval_sample(cfg, make, shard, i)
-    size, multiple = cfg.train.micro_batch_size, state.degrees.row_multiple
+    size, multiple = cfg.train.micro_batch_size, row_multiple(cfg, state)
     collate = pack_row if cfg.data.packing else pad_rows
     batches = [
         collate(samples[i : i + size], pad_id, multiple) for i in range(0, len(samples), size)
