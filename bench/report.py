@@ -29,7 +29,7 @@ BENCHMARKS = [
     ("packing", ["packing.py"], "padded vs packed micro-batches"),
     ("moe", ["moe.py"], "MoE step time vs ep; grouped GEMM vs loop"),
     ("overlap", ["overlap.py"], "async Ulysses and EP dispatch in parts vs synchronous"),
-    ("scaling", ["scaling.py"], "tokens/s at 1, 2, 4 processes: fixed, budget (FSDP, DDP), HF DDP"),
+    ("scaling", ["scaling.py"], "tokens/s at 1, 2, 4 processes: fixed, budget, replicas; HF DDP"),
     ("data_scale", ["data_scale.py"], "1M-record corpus: start, memory, data wait; streaming"),
     ("recovery", ["recovery.py"], "injected faults: what each lost and how long it took"),
 ]

@@ -2,14 +2,20 @@
 OmniWeave with fixed micro-batches, OmniWeave under a token budget, and Hugging Face
 ``Trainer`` (DDP under ``torchrun``), the same model, weights, samples and optimizer settings.
 
+Precision: OmniWeave runs ``model.dtype`` = ``--dtype``, by default bfloat16 (bf16 compute,
+fp32 master weights and gradient reduction; ``--dtype float32`` for fp32 throughout). HF
+Trainer runs twice per world size, in fp32 and with ``bf16=True`` (autocast, fp32 master
+weights), and the ratios take its faster run: each side at the precision a user would pick.
+
 - OmniWeave runs through its CLI (``omniweave train CONFIG --nproc N``, FSDP over the N
   processes, one process = the plain model), packed rows, ``train.compile: true`` (its
   decoder blocks and loss compiled; ``--set train.compile=false`` for eager), the records in
   file order (``data.shuffle: false``) of a seeded shuffle of the corpus; "fixed" is
   ``train.micro_batch_size = 16 / N`` (one packed micro-batch per rank, as HF's batch),
   "budget" is ``data.max_tokens_per_microbatch: 2048``; "budget, replicas" is the same under
-  ``parallel.dp_replicate: N, dp_shard: 1`` (every rank a whole replica, gradients averaged by
-  DDP, as HF's are), at 2 or more processes. Its figures are ``metrics.jsonl``'s.
+  ``parallel.dp_replicate: N, dp_shard: 1`` (every rank a whole replica, gradients averaged
+  over the replicas as HF's are: by DDP in fp32, by HSDP with shards of one in bf16), at 2 or
+  more processes. Its figures are ``metrics.jsonl``'s.
 - HF Trainer: ``torchrun --nproc_per_node N`` (accelerate's MULTI_CPU DDP over gloo,
   ``ddp_find_unused_parameters=False``), 16 / N samples per process and step in the same
   order (a sequential sampler), ``DataCollatorWithFlattening`` (one row, no padding; the
@@ -84,14 +90,15 @@ def shuffled_corpus(path: str, seed: int = 0) -> str:
     return path
 
 
-def hf_run(nproc: int, threads: int, model: str, data: str, steps: int) -> dict:
-    """HF Trainer under torchrun: per-step global tokens and rank 0's step seconds."""
-    out = os.path.join(OUT, f"hf-{nproc}")
+def hf_run(nproc: int, threads: int, model: str, data: str, steps: int, bf16: bool) -> dict:
+    """HF Trainer under torchrun (``bf16``: autocast): per-step global tokens and rank 0's
+    step seconds."""
+    out = os.path.join(OUT, f"hf{'-bf16' if bf16 else ''}-{nproc}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc_per_node={nproc}", __file__, "--hf-worker", out, model, data]
-    command += ["--steps", str(steps)]
+    command += ["--steps", str(steps)] + (["--hf-bf16"] if bf16 else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print(f"bench: HF Trainer: {shlex.join(command)}", file=sys.stderr, flush=True)
     result = launch(command, env, f"{out}.log")
@@ -106,7 +113,7 @@ def hf_run(nproc: int, threads: int, model: str, data: str, steps: int) -> dict:
     return result | dict(first_loss=ranks[0]["losses"][0])
 
 
-def hf_worker(out: str, model_dir: str, data: str, steps: int) -> None:
+def hf_worker(out: str, model_dir: str, data: str, steps: int, bf16: bool) -> None:
     """One torchrun process of the HF side; writes ``out/rank{R}.json``."""
     import torch
     from torch.utils.data import SequentialSampler
@@ -159,6 +166,7 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int) -> None:
         max_steps=steps,
         **HF_OPTIMIZER,
         ddp_find_unused_parameters=False,  # HF's default True costs a graph walk per step
+        bf16=bf16,
         logging_steps=steps,
         save_strategy="no",
         report_to=[],
@@ -184,7 +192,7 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int) -> None:
         json.dump(figures, f)
 
 
-SIDES = ("fixed", "budget", "replicas", "hf")
+SIDES = ("fixed", "budget", "replicas", "hf", "hf-bf16")
 
 
 def sides_at(nproc: int) -> tuple[str, ...]:
@@ -194,8 +202,8 @@ def sides_at(nproc: int) -> tuple[str, ...]:
 
 def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -> dict:
     """One run: per-step tokens and seconds and the step-1 loss, or ``error``."""
-    if side == "hf":
-        return hf_run(nproc, threads, model, data, args.steps)
+    if side.startswith("hf"):
+        return hf_run(nproc, threads, model, data, args.steps, bf16=side == "hf-bf16")
     batching = {
         "fixed": {"train.micro_batch_size": BATCH // nproc},
         "budget": {"data.max_tokens_per_microbatch": BUDGET},
@@ -207,7 +215,7 @@ def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -
     }[side]
     out = os.path.join(OUT, f"{side}-{nproc}")
     settings = omniweave_settings(model, data, out, args.steps)
-    settings |= {"data.shuffle": False, "train.compile": True}
+    settings |= {"data.shuffle": False, "train.compile": True, "model.dtype": args.dtype}
     settings |= batching | parse_sets(args.set)
     result = run_omniweave(f"OmniWeave {side}", settings, nproc, threads)
     rows = result["rows"]
@@ -256,11 +264,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out")
     parser.add_argument("--repeats", type=int, default=2, help="runs per side and world size")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS per process (cores / N)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--set", action="append", default=[], help="OmniWeave KEY=VALUE")
     parser.add_argument("--hf-worker", nargs=3, help=argparse.SUPPRESS)  # OUT MODEL DATA
+    parser.add_argument("--hf-bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_worker:
-        return hf_worker(*args.hf_worker, args.steps)
+        return hf_worker(*args.hf_worker, args.steps, args.hf_bf16)
     if not (os.path.isfile(DATA) and os.path.isdir(TOKENIZER)):
         sys.exit("bench/scaling.py: run `make .data/tokenizer` first (the fortunes corpus).")
     if any(BATCH % n for n in args.procs):
@@ -277,9 +287,9 @@ def main() -> None:
         f"{args.steps} steps of {BATCH} fortunes (max_seq_len {MAX_LEN}, in one seeded random "
         f"order for all runs), Qwen2 {MODEL['hidden_size']} hidden x "
         f"{MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']}/"
-        f"{MODEL['num_key_value_heads']} heads, fp32; {cores} cores; {args.repeats} run(s) per "
-        f"cell, the sides taking turns; median of per-step tokens/s over steps "
-        f"{args.warmup + 1}-{args.steps} of all its runs (in brackets: the runs' own "
+        f"{MODEL['num_key_value_heads']} heads; OmniWeave in {args.dtype}; {cores} cores; "
+        f"{args.repeats} run(s) per cell, the sides taking turns; median of per-step tokens/s "
+        f"over steps {args.warmup + 1}-{args.steps} of all its runs (in brackets: the runs' own "
         "medians, lowest-highest). OmniWeave's data.num_workers "
         "is its default (cores left after one per rank, at least 1) unless set, and its "
         "train.compile is true (HF Trainer's torch_compile stays at its default, off); "
@@ -288,21 +298,24 @@ def main() -> None:
     names = {
         "fixed": f"OmniWeave fixed (micro {BATCH}/N, packed)",
         "budget": f"OmniWeave budget {BUDGET} (packed)",
-        "replicas": f"OmniWeave budget {BUDGET}, replicas (DDP)",
-        "hf": "HF Trainer (DDP, flattening)",
+        "replicas": f"OmniWeave budget {BUDGET}, replicas",
+        "hf": "HF Trainer fp32 (DDP, flattening)",
+        "hf-bf16": "HF Trainer bf16",
     }
     print(f"| processes | threads/process | {' | '.join(names.values())} | same tokens per step |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(f"| ---: | ---: | {'---: | ' * len(names)}--- |")
     for n, sides in results.items():
         cells = [_cell(sides[side]) if side in sides else "(1 process)" for side in names]
         print(f"| {n} | {threads[n]} | {' | '.join(cells)} | {_same_tokens(sides)} |")
 
     ratios = ("budget/fixed", "budget/HF", "replicas/HF", "fixed/HF")
+    print("\nHF below: the faster of HF Trainer's fp32 and bf16 runs at that world size.")
     print(f"\n| processes | {' | '.join(ratios)} |\n| ---: | ---: | ---: | ---: | ---: |")
     for n, sides in results.items():
+        sides = sides | {"HF": _faster(sides["hf"], sides["hf-bf16"])}
         cells = []
         for ratio in ratios:
-            top, bottom = (sides.get(s.lower(), {}).get("rate") for s in ratio.split("/"))
+            top, bottom = (sides.get(s, {}).get("rate") for s in ratio.split("/"))
             cell = _ratio(top, bottom)
             if (n, ratio) in TARGETS and top and bottom:
                 verdict = "OK" if top / bottom >= TARGETS[n, ratio] else "under target"
@@ -319,6 +332,11 @@ def main() -> None:
         rates = {n: results[n].get(side, results[n]["budget"]).get("rate") for n in args.procs}
         speedups = [f"{n}: " + _ratio(rate, rates[first]) for n, rate in rates.items()]
         print(f"- {name}: {', '.join(speedups)}")
+
+
+def _faster(*results: dict) -> dict:
+    """The result of the faster run (a failed one counts as slowest)."""
+    return max(results, key=lambda r: r.get("rate") or 0.0)
 
 
 def _num(value: float | None, spec: str) -> str:
