@@ -7,7 +7,9 @@ step, peak memory, steady tokens/s and the time steps wait for data, for an in-m
   missing), each record ``{"text": ...}`` of 1-3 Debian fortunes drawn by a seeded RNG; the
   subset is the first records of shard 0, in ``.data/scale-subset-N.jsonl``.
 - Runs: the Qwen2 of ``bench/scaling.py``, max_seq_len 256, 16 samples per step, packed under
-  a 2048-token budget, a fresh ``output_dir`` each (so the shard index is built cold).
+  a 2048-token budget, one data worker per rank (``data.num_workers: 1``: the path measured
+  here; the default where the ranks' threads take every core is 0, in the rank), a fresh
+  ``output_dir`` each (so the shard index is built cold).
 - Start: wall clock from launching ``omniweave train`` to the start of step 1's compute: the
   modification time of ``metrics.jsonl`` when its first row appeared (``log_every: 1``; rows
   written meanwhile taken back by their step times), minus step 1's time less its
@@ -149,6 +151,7 @@ def main() -> None:
             out = os.path.join(OUT, f"{source}-{nproc}")
             settings = omniweave_settings(model, path, out, args.steps)
             settings |= {"data.max_seq_len": MAX_LEN, "data.max_tokens_per_microbatch": BUDGET}
+            settings |= {"data.num_workers": 1}
             settings |= parse_sets(args.set)
             result = run_omniweave(f"{source}, {nproc} process(es)", settings, nproc, threads)
             if not result["error"] and not result["rows"]:

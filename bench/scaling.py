@@ -290,9 +290,10 @@ def main() -> None:
         f"{MODEL['num_key_value_heads']} heads; OmniWeave in {args.dtype}; {cores} cores; "
         f"{args.repeats} run(s) per cell, the sides taking turns; median of per-step tokens/s "
         f"over steps {args.warmup + 1}-{args.steps} of all its runs (in brackets: the runs' own "
-        "medians, lowest-highest). OmniWeave's data.num_workers "
-        "is its default (cores left after one per rank, at least 1) unless set, and its "
-        "train.compile is true (HF Trainer's torch_compile stays at its default, off); "
+        "medians, lowest-highest). OmniWeave's data.num_workers is its default unless set "
+        "(its share of the cores no rank's threads use: 0 when they take every core, as HF's "
+        "dataloader_num_workers), and its train.compile is true (HF Trainer's torch_compile "
+        "stays at its default, off); "
         f"OmniWeave settings given: {' '.join(args.set) or 'none'}.\n"
     )
     names = {

@@ -17,6 +17,7 @@ from omniweave.data.loader import (
     DataTimeout,
     SampleMaker,
     StepBatches,
+    default_workers,
     load_samples,
     prefetched,
     row_multiple,
@@ -211,3 +212,16 @@ def test_rows_round_up_to_the_splits_and_the_shape_bucket(device, dtype, pad, sp
         device=torch.device(device), degrees=SimpleNamespace(row_multiple=split)
     )
     assert row_multiple(cfg, state) == expected
+
+
+@pytest.mark.parametrize(
+    ("cores", "ranks", "threads", "expected"),
+    [(2, 2, 1, 0), (2, 1, 2, 0), (8, 2, 2, 2), (96, 8, 1, 4)],
+)
+def test_data_workers_default_to_the_cores_no_rank_computes_on(
+    monkeypatch, cores, ranks, threads, expected
+):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert default_workers() == expected
