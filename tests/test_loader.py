@@ -215,13 +215,21 @@ def test_rows_round_up_to_the_splits_and_the_shape_bucket(device, dtype, pad, sp
 
 
 @pytest.mark.parametrize(
-    ("cores", "ranks", "threads", "expected"),
-    [(2, 2, 1, 0), (2, 1, 2, 0), (8, 2, 2, 2), (96, 8, 1, 4)],
+    ("cores", "ranks", "threads", "gpu", "expected"),
+    [
+        (2, 2, 1, False, 0),
+        (2, 1, 2, False, 0),
+        (8, 2, 2, False, 2),
+        (96, 8, 1, False, 4),
+        (2, 1, 2, True, 1),  # a rank on a GPU computes on one core
+        (16, 1, 16, True, 4),
+    ],
 )
 def test_data_workers_default_to_the_cores_no_rank_computes_on(
-    monkeypatch, cores, ranks, threads, expected
+    monkeypatch, cores, ranks, threads, gpu, expected
 ):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     assert default_workers() == expected

@@ -338,13 +338,14 @@ def _as_is(item):
 
 
 def default_workers() -> int:
-    """Data workers per rank: its share of the cores that no rank's compute threads use, 0
-    to 4. Where the ranks' threads take every core, a worker can only preempt them, so the
-    data path runs in the rank (measured: 2 ranks on 2 cores trained 5,950-6,310 tokens/s
-    in-process against 5,170-5,450 with a worker each, 1 rank 7,670-7,690 against
-    7,430-7,590)."""
+    """Data workers per rank: its share of the cores that no rank computes on, 0 to 4 (a rank
+    on a GPU takes one core, a rank on the CPU its threads). Where the ranks take every core,
+    a worker can only preempt them, so the data path runs in the rank (measured: 2 ranks on 2
+    cores trained 5,950-6,310 tokens/s in-process against 5,170-5,450 with a worker each, 1
+    rank 7,670-7,690 against 7,430-7,590)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    spare = (os.cpu_count() or 1) - local * torch.get_num_threads()
+    threads = 1 if torch.cuda.is_available() else torch.get_num_threads()
+    spare = (os.cpu_count() or 1) - local * threads
     return max(0, min(4, spare // local))
 
 
