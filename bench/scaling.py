@@ -90,15 +90,15 @@ def shuffled_corpus(path: str, seed: int = 0) -> str:
     return path
 
 
-def hf_run(nproc: int, threads: int, model: str, data: str, steps: int, bf16: bool) -> dict:
-    """HF Trainer under torchrun (``bf16``: autocast): per-step global tokens and rank 0's
-    step seconds."""
-    out = os.path.join(OUT, f"hf{'-bf16' if bf16 else ''}-{nproc}")
+def hf_run(side: str, nproc: int, threads: int, model: str, data: str, steps: int) -> dict:
+    """HF Trainer under torchrun (side ``hf-bf16``: autocast): per-step global tokens and
+    rank 0's step seconds."""
+    out = os.path.join(OUT, f"{side}-{nproc}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += [f"--nproc_per_node={nproc}", __file__, "--hf-worker", out, model, data]
-    command += ["--steps", str(steps)] + (["--hf-bf16"] if bf16 else [])
+    command += ["--steps", str(steps)] + (["--hf-bf16"] if side == "hf-bf16" else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print(f"bench: HF Trainer: {shlex.join(command)}", file=sys.stderr, flush=True)
     result = launch(command, env, f"{out}.log")
@@ -203,7 +203,7 @@ def sides_at(nproc: int) -> tuple[str, ...]:
 def run_side(side: str, nproc: int, threads: int, model: str, data: str, args) -> dict:
     """One run: per-step tokens and seconds and the step-1 loss, or ``error``."""
     if side.startswith("hf"):
-        return hf_run(nproc, threads, model, data, args.steps, bf16=side == "hf-bf16")
+        return hf_run(side, nproc, threads, model, data, args.steps)
     batching = {
         "fixed": {"train.micro_batch_size": BATCH // nproc},
         "budget": {"data.max_tokens_per_microbatch": BUDGET},
