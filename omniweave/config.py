@@ -81,8 +81,9 @@ class ParallelConfig:
     async_ulysses: bool = True  # start each value all-to-all when its projection is done
     cpu_offload: bool = False
     # FSDP: free each unit's gathered weights after its forward (false: keep them for the
-    # backward, one all-gather per unit and step fewer, the whole model's weights held meanwhile)
-    reshard_after_forward: bool = True
+    # backward, one all-gather per unit and micro-batch fewer, the whole model's weights held
+    # meanwhile); None: true on a GPU, false on CPU (see fsdp.reshard_after_forward)
+    reshard_after_forward: bool | None = None
     timeout_s: float = _opt(600.0, gt=0)  # a collective (or the data workers) waiting longer
 
 

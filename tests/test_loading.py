@@ -99,3 +99,12 @@ def _sharded_after_forward(reshard_after_forward: bool) -> bool:
 def test_reshard_after_forward_false_keeps_the_gathered_weights_for_the_backward():
     for reshard in (True, False):
         assert run_distributed(_sharded_after_forward, 2, reshard) == [reshard, reshard]
+
+
+def test_weights_stay_gathered_until_the_backward_by_default_on_cpu_only():
+    from omniweave.distributed.fsdp import reshard_after_forward
+
+    assert reshard_after_forward(None, torch.device("cpu")) is False  # gloo: no overlap
+    assert reshard_after_forward(None, torch.device("cuda", 0)) is True
+    assert reshard_after_forward(True, torch.device("cpu")) is True
+    assert reshard_after_forward(False, torch.device("cuda", 0)) is False

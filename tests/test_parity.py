@@ -164,9 +164,9 @@ def _assert_close(curve, reference, label):
 def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
     layouts = {
         "dp_shard=4": {"parallel.dp_shard": 4, "train.micro_batch_size": 2},
-        "dp_shard=4 accumulate 2, weights kept from forward to backward": {
+        "dp_shard=4 accumulate 2, weights gathered again for the backward": {
             "parallel.dp_shard": 4,
-            "parallel.reshard_after_forward": False,
+            "parallel.reshard_after_forward": True,
             "train.micro_batch_size": 1,
         },
         "dp_replicate=2 x dp_shard=2": {

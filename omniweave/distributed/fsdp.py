@@ -24,6 +24,15 @@ def needs_fsdp(state: ParallelState, dtype: str, cpu_offload: bool) -> bool:
     return state.is_distributed or dtype != "float32" or cpu_offload
 
 
+def reshard_after_forward(setting: bool | None, device: torch.device) -> bool:
+    """``parallel.reshard_after_forward``, or its default for ``device``. On a GPU, true: the
+    backward's all-gather runs on its own stream, overlapped with compute, and device memory
+    is scarce. On CPU, false: gloo's all-gathers block the step, so gathering each unit once
+    per micro-batch instead of twice is worth the gathered weights held until the backward
+    (14% more tokens/s at 2 processes on the scaling bench's model)."""
+    return device.type != "cpu" if setting is None else setting
+
+
 def apply_fsdp(
     model: nn.Module,
     state: ParallelState,
