@@ -190,6 +190,8 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int, bf16: bool) -> No
     figures["threads"] = torch.get_num_threads()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(figures, f)
+    if torch.distributed.is_initialized():  # as OmniWeave's CLI: no gloo threads left at exit
+        torch.distributed.destroy_process_group()
 
 
 SIDES = ("fixed", "budget", "replicas", "hf", "hf-bf16")
