@@ -190,8 +190,11 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int, bf16: bool) -> No
     figures["threads"] = torch.get_num_threads()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(figures, f)
-    if torch.distributed.is_initialized():  # as OmniWeave's CLI: no gloo threads left at exit
-        torch.distributed.destroy_process_group()
+    # No teardown: torch's gloo process group can abort (C++ terminate) or deadlock when it is
+    # destroyed just after a collective, as 2 of 4 four-process HF runs here did.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 SIDES = ("fixed", "budget", "replicas", "hf", "hf-bf16")
