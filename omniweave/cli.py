@@ -42,7 +42,6 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
         try:
             with lock:
                 Trainer(cfg).run()
-            _leave_process_group()
         except TrainingStopped as stopped:
             if not supervision.report_to_launcher(str(stopped), stopped.exit_code) and (
                 stopped.every_rank or os.environ.get("RANK", "0") == "0"
@@ -69,14 +68,15 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _leave_process_group() -> None:
-    """A rank that trained to the end tears its process group down itself, not the
-    interpreter's shutdown, where one two-process run in about 35 aborted after its last
-    step (C++ ``terminate``; its cause not found), failing a finished run."""
-    import torch.distributed as dist
-
-    if dist.is_initialized() and "RANK" in os.environ:
-        dist.destroy_process_group()
+def _end_rank(code: int) -> None:
+    """A launched rank's process ends here, without the interpreter's teardown of torch:
+    destroying a gloo process group just after a collective can deadlock (its destructor waits,
+    holding the GIL, for a gloo thread that needs the GIL to drop its last work) or abort in
+    C++ (``terminate called without an active exception``), both seen in 4-process runs. By
+    now the run has closed what it wrote, stopped its data workers and finished its saves."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -232,4 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "RANK" in os.environ:
+        _end_rank(exit_code)
+    sys.exit(exit_code)
