@@ -84,6 +84,9 @@ class ParallelConfig:
     # backward, one all-gather per unit and micro-batch fewer, the whole model's weights held
     # meanwhile); None: true on a GPU, false on CPU (see fsdp.reshard_after_forward)
     reshard_after_forward: bool | None = None
+    # FSDP accumulation: reduce-scatter each micro-batch's gradients into the shards (true) or
+    # hold the whole model's fp32 gradients until the step's last; None: true on a GPU
+    accumulate_sharded: bool | None = None
     timeout_s: float = _opt(600.0, gt=0)  # a collective (or the data workers) waiting longer
 
 

@@ -101,10 +101,35 @@ def test_reshard_after_forward_false_keeps_the_gathered_weights_for_the_backward
         assert run_distributed(_sharded_after_forward, 2, reshard) == [reshard, reshard]
 
 
-def test_weights_stay_gathered_until_the_backward_by_default_on_cpu_only():
-    from omniweave.distributed.fsdp import reshard_after_forward
+def test_cpu_trades_memory_for_fewer_collectives_by_default_and_a_gpu_does_not():
+    from omniweave.distributed.fsdp import accumulate_sharded, reshard_after_forward
 
-    assert reshard_after_forward(None, torch.device("cpu")) is False  # gloo: no overlap
-    assert reshard_after_forward(None, torch.device("cuda", 0)) is True
-    assert reshard_after_forward(True, torch.device("cpu")) is True
-    assert reshard_after_forward(False, torch.device("cuda", 0)) is False
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    for setting in (reshard_after_forward, accumulate_sharded):
+        assert setting(None, cpu) is False  # gloo: collectives hold up the step
+        assert setting(None, gpu) is True
+        assert setting(True, cpu) is True
+        assert setting(False, gpu) is False
+
+
+def _gradient_held_after_a_micro_batch(sharded: bool) -> tuple[bool, int | None]:
+    """Whether a layer's weight has a gradient after the first of several micro-batches, and
+    the elements of this rank's part of it."""
+    from omniweave.distributed.fsdp import sync_gradients
+    from omniweave.distributed.parallel_state import ParallelState, resolve_degrees
+    from omniweave.models.loader import build_model
+
+    config = hf_model("llama").config
+    state = ParallelState(resolve_degrees(2), torch.device("cpu"))
+    model = build_model(config, state)
+    sync_gradients(model, last=False, sharded=sharded)
+    model(input_ids=torch.arange(8).unsqueeze(0), use_cache=False).logits.sum().backward()
+    grad = model.model.layers[0].mlp.up_proj.weight.grad
+    return grad is not None, None if grad is None else grad.to_local().numel()
+
+
+def test_sharded_accumulation_keeps_only_this_ranks_part_of_the_gradients():
+    numel = hf_model("llama").model.layers[0].mlp.up_proj.weight.numel()
+    assert run_distributed(_gradient_held_after_a_micro_batch, 2, True) == [(True, numel // 2)] * 2
+    # unsharded: FSDP holds the whole gradient inside, none reduced into the shard yet
+    assert run_distributed(_gradient_held_after_a_micro_batch, 2, False) == [(False, None)] * 2

@@ -164,9 +164,16 @@ def _assert_close(curve, reference, label):
 def test_fsdp_and_hsdp_match_unsharded_reference(models, corpus, tmp_path):
     layouts = {
         "dp_shard=4": {"parallel.dp_shard": 4, "train.micro_batch_size": 2},
-        "dp_shard=4 accumulate 2, weights gathered again for the backward": {
+        "dp_shard=4 accumulate 2, as on a GPU (gathered twice, reduced per micro-batch)": {
             "parallel.dp_shard": 4,
             "parallel.reshard_after_forward": True,
+            "parallel.accumulate_sharded": True,
+            "train.micro_batch_size": 1,
+        },
+        "dp_replicate=2 x dp_shard=2 accumulate 2, reduced per micro-batch": {
+            "parallel.dp_replicate": 2,
+            "parallel.dp_shard": 2,
+            "parallel.accumulate_sharded": True,
             "train.micro_batch_size": 1,
         },
         "dp_replicate=2 x dp_shard=2": {

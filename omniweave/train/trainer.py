@@ -27,7 +27,7 @@ from omniweave.data.loader import (
 )
 from omniweave.data.packing import MicroBatch
 from omniweave.distributed.activations import offload_activations
-from omniweave.distributed.fsdp import DTYPES
+from omniweave.distributed.fsdp import DTYPES, accumulate_sharded, sync_gradients
 from omniweave.distributed.parallel_state import (
     ParallelState,
     device_for_rank,
@@ -90,6 +90,9 @@ class Trainer:
             else None
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.accumulate_sharded = accumulate_sharded(
+            cfg.parallel.accumulate_sharded, self.state.device
+        )
         # tp: MoE blocks run on each rank's slice of the sequence; their gradients are partial
         self.tp_partial = token_local_parameters(self.foundation) if degrees.tp > 1 else []
         self.optimizer = build_optimizer(
@@ -275,8 +278,7 @@ class Trainer:
         aux_sum, expert_counts = 0.0, None
         tp, tp_rank = self.state.degrees.tp, self.state.tp_rank
         for index, batch in enumerate(batches):
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(index == len(batches) - 1)
+            sync_gradients(self.model, index == len(batches) - 1, self.accumulate_sharded)
             token_losses, targets, router_logits = self._token_loss(batch)
             if by_sample:
                 token_loss = (token_losses * self._local(batch.sample_weights).flatten()).sum()
