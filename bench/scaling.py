@@ -191,7 +191,7 @@ def hf_worker(out: str, model_dir: str, data: str, steps: int, bf16: bool) -> No
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(figures, f)
     # No teardown: torch's gloo process group can abort (C++ terminate) or deadlock when it is
-    # destroyed just after a collective, as 2 of 4 four-process HF runs here did.
+    # destroyed just after a collective: two four-process HF runs here did, one each way.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from typing import NoReturn
 
 from omniweave.config import load_config
 
@@ -68,7 +69,7 @@ def train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _end_rank(code: int) -> None:
+def _end_rank(code: int) -> NoReturn:
     """A launched rank's process ends here, without the interpreter's teardown of torch:
     destroying a gloo process group just after a collective can deadlock (its destructor waits,
     holding the GIL, for a gloo thread that needs the GIL to drop its last work) or abort in
