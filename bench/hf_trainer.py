@@ -67,10 +67,10 @@ def omniweave_run(model_dir: str, out: str, steps: int, batch: int) -> tuple:
         seconds.append(time.perf_counter() - start)
         losses.append(result["loss"])
         tokens.append(result["step_tokens"])
-        mfu.append(result["flops"] / seconds[-1] / trainer.peak_flops)
+        mfu.append(trainer.mfu(result["flops"], seconds[-1]))
     order = [[i for _, i in trainer.batches.order.global_batch(step)] for step in range(steps)]
     samples, _, _ = load_samples(DATA, trainer.tokenizer, MAX_LEN, "truncate")  # record order
-    return losses, seconds, tokens, order, samples, (mfu, trainer.peak_flops)
+    return losses, seconds, tokens, order, samples, (mfu, trainer.mfu.peak)
 
 
 def hf_run(model_dir: str, out: str, samples, order, batch: int) -> tuple[list, list]:
