@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers.utils import logging as hf_logging
 
 from omniweave.config import load_config
+from omniweave.data.loader import load_samples
 from omniweave.ops.attention import causal_attention
 from omniweave.train.trainer import Trainer
 
@@ -76,7 +77,9 @@ def compare_training(
     # Same weights and samples => the same loss (a check that we compare like with like).
     first = [rows[name][0]["loss"] for name in sides]
     assert abs(first[0] - first[1]) < 1e-4 * abs(first[0]), first
-    lengths = [len(s.input_ids) for s in sides["packed"].samples]
+    trainer = sides["packed"]
+    samples, _, _ = load_samples(DATA, trainer.tokenizer, args.max_seq_len, "truncate")
+    lengths = [len(s.input_ids) for s in samples]
     return {name: r[args.warmup :] for name, r in rows.items()}, first, lengths
 
 
