@@ -11,12 +11,12 @@ $(VENV)/.done: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,demo]'
+	$(BIN)/pip install -q -e '.[dev,demo,bench]'
 	touch $@
 
 $(VENV): $(VENV)/.done
 
-test: $(VENV)
+test: $(VENV) $(DATA)/tokenizer
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q --durations=15
 
 # The omni demo: build the data, its BPE and VQ tokenizers, train with FSDP,
