@@ -82,10 +82,10 @@ class ParallelConfig:
     cpu_offload: bool = False
     # FSDP: free each unit's gathered weights after its forward (false: keep them for the
     # backward, one all-gather per unit and micro-batch fewer, the whole model's weights held
-    # meanwhile); None: true on a GPU, false on CPU (see fsdp.reshard_after_forward)
+    # meanwhile); None: true on a GPU, false on CPU (see fsdp.gpu_default)
     reshard_after_forward: bool | None = None
     # FSDP accumulation: reduce-scatter each micro-batch's gradients into the shards (true) or
-    # hold the whole model's fp32 gradients until the step's last; None: true on a GPU
+    # hold the whole model's fp32 gradients until the step's last; None: true on a GPU only
     accumulate_sharded: bool | None = None
     timeout_s: float = _opt(600.0, gt=0)  # a collective (or the data workers) waiting longer
 

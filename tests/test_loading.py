@@ -102,14 +102,13 @@ def test_reshard_after_forward_false_keeps_the_gathered_weights_for_the_backward
 
 
 def test_cpu_trades_memory_for_fewer_collectives_by_default_and_a_gpu_does_not():
-    from omniweave.distributed.fsdp import accumulate_sharded, reshard_after_forward
+    from omniweave.distributed.fsdp import gpu_default
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    for setting in (reshard_after_forward, accumulate_sharded):
-        assert setting(None, cpu) is False  # gloo: collectives hold up the step
-        assert setting(None, gpu) is True
-        assert setting(True, cpu) is True
-        assert setting(False, gpu) is False
+    assert gpu_default(None, cpu) is False  # gloo: collectives hold up the step
+    assert gpu_default(None, gpu) is True
+    assert gpu_default(True, cpu) is True
+    assert gpu_default(False, gpu) is False
 
 
 def _gradient_held_after_a_micro_batch(sharded: bool) -> tuple[bool, int | None]:

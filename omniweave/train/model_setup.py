@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from omniweave.config import Config
 from omniweave.data.processors import IGNORE_INDEX
-from omniweave.distributed.fsdp import reshard_after_forward
+from omniweave.distributed.fsdp import gpu_default
 from omniweave.distributed.parallel_state import ParallelState
 from omniweave.distributed.pipeline import Pipeline
 from omniweave.distributed.ulysses import apply_sequence_attention, split_sequence_inputs
@@ -71,9 +71,7 @@ def build_training_model(
         kernels=(t.kernels, t.compile),
         lora=lora,
         pp_virtual_stages=cfg.parallel.pp_virtual_stages,
-        reshard_after_forward=reshard_after_forward(
-            cfg.parallel.reshard_after_forward, state.device
-        ),
+        reshard_after_forward=gpu_default(cfg.parallel.reshard_after_forward, state.device),
     )
     foundation = model.foundation if omni else model
     native = NativeInputs(model, omni_parts) if omni_parts and not omni else None

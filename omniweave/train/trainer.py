@@ -27,7 +27,7 @@ from omniweave.data.loader import (
 )
 from omniweave.data.packing import MicroBatch
 from omniweave.distributed.activations import offload_activations
-from omniweave.distributed.fsdp import DTYPES, accumulate_sharded, sync_gradients
+from omniweave.distributed.fsdp import DTYPES, gpu_default, sync_gradients
 from omniweave.distributed.parallel_state import (
     ParallelState,
     device_for_rank,
@@ -90,9 +90,7 @@ class Trainer:
             else None
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.accumulate_sharded = accumulate_sharded(
-            cfg.parallel.accumulate_sharded, self.state.device
-        )
+        self.accumulate_sharded = gpu_default(cfg.parallel.accumulate_sharded, self.state.device)
         # tp: MoE blocks run on each rank's slice of the sequence; their gradients are partial
         self.tp_partial = token_local_parameters(self.foundation) if degrees.tp > 1 else []
         self.optimizer = build_optimizer(
